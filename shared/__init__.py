@@ -1,0 +1,23 @@
+"""`shared`: the small package every notebook of the course imports.
+
+One module per concept, read top to bottom by learners:
+
+- `utils`       seeding, device choice, library versions
+- `tokenizers`  char, byte, BPE and regex BPE (GPT-2 / GPT-4 patterns) tokenizers
+- `attention`   scaled dot-product and multi-head attention (GQA, RoPE, window, KV cache)
+- `model`       `GPTConfig` and `GPT` with GPT-2 parameter names
+- `sampling`    greedy / temperature / top-k / top-p sampling, streaming, beam search
+- `data`        the Shakespeare corpus, datasets view, next-token batches, packing
+- `train`       the training loop: AdamW, warmup + cosine, clipping, accumulation,
+                evaluation, checkpoints with exact resume, DDP under torchrun
+- `hf`          conversion to and from Hugging Face `transformers`
+- `zoo`         trained course models, built from seeded recipes and cached
+- `plotting`    loss curves and attention heatmaps
+
+Imports are explicit everywhere (`from shared.model import GPT, GPTConfig`).
+"""
+
+__version__ = "0.1.0"
+
+# The course's home; the notebooks' Colab set-up cell and the README badges read it from here.
+REPO_URL = "https://github.com/llm-course/llm-course"
