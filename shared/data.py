@@ -59,6 +59,8 @@ def parse_play(markdown: str) -> list[tuple[str, str]]:
     closer = None  # inside a multi-line stage direction: the character that ends it
     for raw in markdown.splitlines():
         line = raw.strip()  # markdown hard breaks are two trailing spaces
+        if not _SPEAKER.match(line):
+            line = _BRACKETED.sub(" ", line).strip()  # drop _\[Aside]_ wherever it stands
         if closer is not None:  # skip to the end of the stage direction
             if line.endswith(closer):
                 closer = None
@@ -72,7 +74,7 @@ def parse_play(markdown: str) -> list[tuple[str, str]]:
             if len(line) == 1 or not line.endswith(line[0]):
                 closer = line[0]
         elif line and speaker is not None:
-            text = _ESCAPE.sub(r"\1", _BRACKETED.sub(" ", line))
+            text = _ESCAPE.sub(r"\1", line)
             text = " ".join(text.replace("_", " ").split())  # stray emphasis marks
             if text:
                 lines.append(text)
