@@ -33,7 +33,7 @@ def test_notebook_skeleton(path):
     assert re.fullmatch(r"\d\d_[a-z0-9_]+\.ipynb", path.name), "name notebooks NN_name.ipynb"
     code = nbtools.code_cells(nb)
     assert nbtools.source(code[0]) == nbtools.setup_cell(), \
-        "the first code cell must be the Colab set-up cell (`python tools/notebooks.py setup-cells`)"
+        "first code cell must be the Colab set-up cell (`python tools/notebooks.py setup-cells`)"
     headings = [nbtools.source(c) for c in nb["cells"] if c["cell_type"] == "markdown"]
     assert any(h.lstrip().startswith("## Summary") for h in headings), "no '## Summary' cell"
     assert any(h.lstrip().startswith("## Exercises") for h in headings), "no '## Exercises' cell"
