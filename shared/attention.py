@@ -139,7 +139,7 @@ def rope_frequencies(
     """
     if head_dim % 2 != 0:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
     pos = torch.arange(max_len, device=device).float()
     angles = torch.outer(pos, inv_freq)  # (max_len, head_dim / 2)
     angles = torch.cat([angles, angles], dim=-1)  # (max_len, head_dim): pair i twice
