@@ -19,17 +19,6 @@ from shared.attention import (
 )
 from shared.model import GPTConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run on one thread: tiny tensors gain nothing from more, and on a busy 2-core machine
-    idle-spinning intra-op threads made these tests ~5x slower. (Candidate for conftest.py.)"""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
 
 

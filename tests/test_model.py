@@ -15,17 +15,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from shared.model import GPT, MLP, GPTConfig, LayerNorm, RMSNorm
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run on one thread: tiny tensors gain nothing from more, and on a busy 2-core machine
-    idle-spinning intra-op threads made these tests ~5x slower. (Candidate for conftest.py.)"""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
 
 LLAMA_LIKE = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False,
