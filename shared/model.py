@@ -314,6 +314,11 @@ class GPT(nn.Module):
             pos = torch.arange(start, start + T, device=idx.device)
             x = x + self.transformer.wpe(pos)  # (T, C) broadcasts over B
         elif cfg.positions == "sinusoidal":
+            # Subtle: the encodings have norm sqrt(C/2) while GPT-2-initialised embeddings
+            # (std 0.02) have norm ~0.02 sqrt(C); unscaled, the positions drown the tokens and
+            # the model barely learns. Vaswani et al. (sec. 3.4) multiply the embeddings by
+            # sqrt(C); so do we (the tied lm_head still sees the unscaled matrix).
+            x = x * math.sqrt(cfg.n_embd)
             x = x + sinusoidal_positions(start, T, cfg.n_embd, device=idx.device).to(x.dtype)
         x = self.transformer.drop(x)
         rope = None
