@@ -16,6 +16,8 @@ W      ?= 1
 # Two notebooks (or test files) at a time, one torch thread each: faster than one at a time
 # with two threads on a 2-core machine, because small models do not scale across threads.
 JOBS   ?= 2
+# Jupyter refuses to run as root unless told (containers often are root).
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: lab test unit notebooks week zoo readme lint clean
 
@@ -26,7 +28,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $@
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir="$(CURDIR)"
+	$(VENV)/bin/jupyter lab --notebook-dir="$(CURDIR)" $(LAB_ARGS)
 
 test: $(STAMP) zoo lint unit notebooks
 

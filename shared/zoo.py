@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         get_recipe(name)  # unknown names fail before anything trains
     for name in args.names or list(RECIPES):
         was_built = is_built(name)
-        build(name, device=args.device, force=args.force)
+        # A progress bar at a terminal; in a log (CI) only the summary lines.
+        build(name, device=args.device, force=args.force, progress=sys.stderr.isatty())
         m = metadata(name)["metrics"]
         how = "cached" if was_built and not args.force else "built"
         print(f"{name:24s} {how:6s}  val loss {m['val_loss']:.4f}  "
