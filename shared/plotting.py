@@ -124,7 +124,8 @@ def plot_attention_grid(weights, tokens=None, title: str | None = None):
         labels = [_label(t) for t in tokens]
         axes[-1, 0].set_xticks(range(tk), labels, rotation=90)
         axes[-1, 0].set_yticks(range(tq), labels[tk - tq:])
-    for ax in axes[-1, :]:
+    for ax in axes[-1, :]:  # shared tick labels show under every column: rotate each
+        ax.tick_params(axis="x", labelrotation=90)
         ax.set_xlabel("key", fontsize=7)
     for ax in axes[:, 0]:
         ax.set_ylabel("query", fontsize=7)
