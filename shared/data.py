@@ -139,9 +139,12 @@ def get_batch(data: torch.Tensor | np.ndarray, batch_size: int, block_size: int,
         raise ValueError(f"data has {len(data)} tokens; block_size {block_size} needs at least "
                          f"{block_size + 1}")
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    windows = [torch.as_tensor(np.asarray(data[i:i + block_size + 1]), dtype=torch.long)
-               for i in starts.tolist()]
-    w = torch.stack(windows)  # (B, T+1)
+    if isinstance(data, torch.Tensor):
+        w = torch.stack([data[i:i + block_size + 1] for i in starts.tolist()]).long()
+    else:  # subtle: copy to int64 in NumPy first; a read-only memmap cannot back a tensor
+        w = torch.from_numpy(np.stack([np.asarray(data[i:i + block_size + 1], dtype=np.int64)
+                                       for i in starts.tolist()]))
+    # w: (B, T+1)
     x, y = w[:, :-1], w[:, 1:]
     if torch.device(device).type == "cuda":  # pinned memory lets the copy overlap compute
         return (x.pin_memory().to(device, non_blocking=True),
