@@ -10,6 +10,8 @@ One module per concept, read top to bottom by learners:
 - `data`        the Shakespeare corpus, datasets view, next-token batches, packing
 - `train`       the training loop: AdamW, warmup + cosine, clipping, accumulation,
                 evaluation, checkpoints with exact resume, DDP under torchrun
+- `evaluation`  loss over a token stream, perplexity, bits per byte, BLEU, ROUGE,
+                harness-style multiple-choice scoring
 - `hf`          conversion to and from Hugging Face `transformers`
 - `zoo`         trained course models, built from seeded recipes and cached
 - `plotting`    loss curves and attention heatmaps

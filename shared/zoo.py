@@ -52,6 +52,7 @@ from filelock import FileLock
 from safetensors.torch import load_model, save_model
 
 from shared.data import shakespeare_text, train_val_split
+from shared.evaluation import mean_loss
 from shared.model import GPT, GPTConfig
 from shared.tokenizers import CharTokenizer, Tokenizer
 from shared.train import TrainConfig, make_get_batch, train
@@ -203,29 +204,14 @@ def is_built(name: str) -> bool:
 # --------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def val_loss(model: GPT, val_ids: torch.Tensor, block_size: int | None = None,
              batch_tokens: int = 16384) -> float:
     """Mean next-token loss over the *whole* validation split, in nats per token.
 
-    The split is cut into non-overlapping windows of block_size + 1 tokens (inputs and
-    targets overlap by all but one); every window is scored once, so the number has no
-    sampling noise at all - it is the same on every run of the same weights.
+    `shared.evaluation.mean_loss` does the work (non-overlapping windows of block_size + 1
+    tokens, every one scored once): no sampling noise, the same number on every run.
     """
-    T = block_size or model.config.block_size
-    n = (len(val_ids) - 1) // T
-    batch_size = max(1, batch_tokens // T)  # rows per forward pass
-    x = val_ids[: n * T].view(n, T)  # (n, T)
-    y = val_ids[1: n * T + 1].view(n, T)  # (n, T), x shifted by one
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for i in range(0, n, batch_size):
-        _, loss = model(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device))
-        total += loss.item() * len(x[i:i + batch_size])  # equal-length rows: weight by rows
-    model.train(was_training)
-    return total / n
+    return mean_loss(model, val_ids, block_size, batch_tokens)
 
 
 def train_recipe(recipe: Recipe, device: str | torch.device = "cpu",
