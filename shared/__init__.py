@@ -6,6 +6,7 @@ One module per concept, read top to bottom by learners:
 - `tokenizers`  char, byte, BPE and regex BPE (GPT-2 / GPT-4 patterns) tokenizers
 - `attention`   scaled dot-product and multi-head attention (GQA, RoPE, window, KV cache)
 - `model`       `GPTConfig` and `GPT` with GPT-2 parameter names
+- `moe`         a top-k routed mixture-of-experts feed-forward layer (capacity, balancing loss)
 - `sampling`    greedy / temperature / top-k / top-p sampling, streaming, beam search
 - `data`        the Shakespeare corpus, datasets view, next-token batches, packing
 - `train`       the training loop: AdamW, warmup + cosine, clipping, accumulation,

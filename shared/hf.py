@@ -21,7 +21,8 @@ field's counterpart is visible in one place. Anything without an exact counterpa
 ValueError naming the field: sinusoidal or no positions, a sliding window (Mistral has one;
 GPT-2 and Llama do not), GQA in GPT-2, GPT-2's tanh GELU ("gelu_new": ours is the exact
 erf GELU, so real GPT-2 checkpoints, which use the tanh form, are refused rather than
-converted approximately), RoPE scaling variants.
+converted approximately), RoPE scaling variants, mixture-of-experts blocks (`n_expert` > 0;
+`MixtralForCausalLM` would be their counterpart, and its conversion is left out).
 
 Left out: dropout is a training-time choice and is not carried over (the Hugging Face model
 gets 0.0 and `from_hf` returns dropout=0.0; set e.g. `resid_pdrop` yourself to fine-tune
@@ -67,6 +68,9 @@ def _family(config: GPTConfig) -> str:
         raise ValueError(f"GPTConfig.{field}={getattr(config, field)!r} has no counterpart in "
                          f"transformers: {need}")
 
+    if config.n_expert > 0:
+        refuse("n_expert", "GPT2LMHeadModel and LlamaForCausalLM have no mixture of experts "
+                           "(need 0)")
     if config.sliding_window is not None:
         refuse("sliding_window", "GPT-2 and Llama attend to the whole context (need None)")
     if config.positions == "learned":

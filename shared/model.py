@@ -3,7 +3,8 @@
 One `GPTConfig` covers the GPT-2 family (LayerNorm, GELU, learned positions, tied
 embeddings; Radford et al. 2019) and the Llama family (RMSNorm, SwiGLU, RoPE, grouped-query
 attention, no biases, untied; Touvron et al. 2023, https://arxiv.org/abs/2307.09288), plus
-Mistral's sliding window. The code follows Karpathy's nanoGPT `model.py`
+Mistral's sliding window and Mixtral's mixture-of-experts blocks (`n_expert` > 0, built
+by `shared.moe`). The code follows Karpathy's nanoGPT `model.py`
 (https://github.com/karpathy/nanoGPT): the same module names, so a checkpoint converts to
 Hugging Face `GPT2LMHeadModel` or `LlamaForCausalLM` with a key-by-key copy (`shared.hf`):
 
@@ -16,11 +17,13 @@ Hugging Face `GPT2LMHeadModel` or `LlamaForCausalLM` with a key-by-key copy (`sh
     transformer.h[i].mlp.c_fc      MLP in; SwiGLU's "up"       (up_proj)
     transformer.h[i].mlp.c_gate    SwiGLU only: the gate       (gate_proj)
     transformer.h[i].mlp.c_proj    MLP out; SwiGLU's "down"    (down_proj)
+    transformer.h[i].mlp.router    MoE blocks only: the router; the experts are
+    transformer.h[i].mlp.experts[e].c_fc, .c_gate, .c_proj     (no HF conversion)
     transformer.ln_f           final norm                      (norm)
     lm_head                    output projection (tied to wte by default)
 
-Left out: mixture-of-experts layers (week 2 builds them), multi-head latent attention,
-QK-norm, logit soft-capping, the optimizer (it lives in `shared.train`), weight loading
+Left out: shared experts and expert parallelism (see `shared.moe`), multi-head latent
+attention, QK-norm, logit soft-capping, the optimizer (it lives in `shared.train`), weight loading
 from the Hub (`shared.hf`, `shared.zoo`).
 """
 
@@ -45,10 +48,11 @@ POSITIONS = ("learned", "sinusoidal", "rope", "none")
 class GPTConfig:
     """Every architectural choice of the model, validated on construction.
 
-    subtle: `n_kv_head` and `mlp_hidden` given as None are replaced by their concrete values
-    here, so a saved config (`to_dict`) describes exactly the model that was built. When you
-    derive a config with `dataclasses.replace` and change n_head or n_embd, pass
-    `n_kv_head=None` / `mlp_hidden=None` again to get the new defaults.
+    subtle: `n_kv_head`, `mlp_hidden` and `moe_hidden` given as None are replaced by their
+    concrete values here, so a saved config (`to_dict`) describes exactly the model that was
+    built. When you derive a config with `dataclasses.replace` and change n_head, n_embd or
+    mlp_hidden, pass `n_kv_head=None` / `mlp_hidden=None` / `moe_hidden=None` again to get
+    the new defaults.
     """
 
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 (faster matmuls)
@@ -67,6 +71,14 @@ class GPTConfig:
     rope_theta: float = 10000.0  # RoPE base; Llama 3 uses 500000 for long contexts
     sliding_window: int | None = None  # attend to at most this many recent tokens (Mistral)
     tie_weights: bool = True  # lm_head shares wte's weight (Press & Wolf 2017)
+    # Mixture of experts (shared.moe): each MoE block has n_expert MLPs of width moe_hidden.
+    n_expert: int = 0  # experts per MoE block; 0 = a dense model (no MoE blocks)
+    moe_hidden: int | None = None  # each expert's MLP width; None = mlp_hidden (as Mixtral)
+    n_expert_active: int = 2  # top-k: experts each token is sent to, 1 <= k <= n_expert
+    moe_every: int = 1  # block i is MoE when (i + 1) % moe_every == 0: 1 = all, 2 = alternate
+    capacity_factor: float | None = None  # each expert takes <= ceil(cf * tokens * k / E);
+    #                                       None = no limit (nothing is dropped)
+    moe_aux_loss_coef: float = 0.01  # weight of the load-balancing loss (added in training only)
 
     def __post_init__(self):
         def fail(field: str, allowed: str):
@@ -117,10 +129,35 @@ class GPTConfig:
             not is_int(self.sliding_window) or self.sliding_window < 1
         ):
             fail("sliding_window", "None or an int >= 1")
+        if not is_int(self.n_expert) or self.n_expert < 0:
+            fail("n_expert", "0 (dense) or a positive int")
+        if self.moe_hidden is None:
+            self.moe_hidden = self.mlp_hidden
+        if not is_int(self.moe_hidden) or self.moe_hidden < 1:
+            fail("moe_hidden", "None or a positive int")
+        if not is_int(self.n_expert_active) or self.n_expert_active < 1 or (
+            self.n_expert > 0 and self.n_expert_active > self.n_expert
+        ):
+            fail("n_expert_active", f"an int in [1, n_expert={self.n_expert}]")
+        if not is_int(self.moe_every) or not 1 <= self.moe_every <= self.n_layer:
+            fail("moe_every", f"an int in [1, n_layer={self.n_layer}]")
+        if self.capacity_factor is not None and (
+            not isinstance(self.capacity_factor, int | float)
+            or isinstance(self.capacity_factor, bool) or not self.capacity_factor > 0
+        ):
+            fail("capacity_factor", "None or a positive float")
+        if not isinstance(self.moe_aux_loss_coef, int | float) or isinstance(
+            self.moe_aux_loss_coef, bool
+        ) or not self.moe_aux_loss_coef >= 0:
+            fail("moe_aux_loss_coef", "a float >= 0")
 
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether block `layer_idx` has a mixture of experts instead of one MLP."""
+        return self.n_expert > 0 and (layer_idx + 1) % self.moe_every == 0
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of every field."""
@@ -188,9 +225,9 @@ class MLP(nn.Module):
     (`nn.GELU()`), so a conversion to GPT2LMHeadModel sets activation_function="gelu".
     """
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, hidden: int | None = None):
         super().__init__()
-        C, H = config.n_embd, config.mlp_hidden
+        C, H = config.n_embd, config.mlp_hidden if hidden is None else hidden  # hidden: experts
         self.c_fc = nn.Linear(C, H, bias=config.bias)
         self.c_gate = nn.Linear(C, H, bias=config.bias) if config.mlp == "swiglu" else None
         self.act = nn.SiLU() if config.mlp == "swiglu" else nn.GELU()
@@ -217,7 +254,13 @@ class Block(nn.Module):
         self.ln_1 = make_norm(config)
         self.attn = MultiHeadAttention(config, layer_idx)
         self.ln_2 = make_norm(config)
-        self.mlp = MLP(config)
+        if config.is_moe_layer(layer_idx):
+            # Imported here because shared.moe builds its experts from this module's MLP.
+            from shared.moe import MoE
+
+            self.mlp = MoE(config)  # the same attribute name: state-dict keys stay GPT-2-like
+        else:
+            self.mlp = MLP(config)
 
     def forward(self, x, rope=None, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope=rope, cache=cache)
@@ -295,7 +338,10 @@ class GPT(nn.Module):
         """idx (B, T) long -> (logits (B, T, V), loss or None).
 
         loss: mean cross-entropy over every position whose target is not -100 (the label
-        that SFT uses to skip prompt tokens); NaN if all targets are -100.
+        that SFT uses to skip prompt tokens); NaN if all targets are -100. With MoE blocks
+        and the model in training mode, plus moe_aux_loss_coef * the mean load-balancing
+        loss of the MoE blocks; in eval mode it is the pure cross-entropy, so validation
+        losses compare with dense models'.
         cache: positions start at cache.pos; the new keys/values are stored and pos advanced.
         """
         cfg = self.config
@@ -339,19 +385,25 @@ class GPT(nn.Module):
             loss = F.cross_entropy(
                 logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
             )
+            if self.training and cfg.n_expert > 0 and cfg.moe_aux_loss_coef > 0:
+                aux = [b.mlp.aux_loss for i, b in enumerate(self.transformer.h)
+                       if cfg.is_moe_layer(i)]
+                loss = loss + cfg.moe_aux_loss_coef * torch.stack(aux).mean().to(loss.dtype)
         return logits, loss
 
     def new_cache(self, batch_size: int) -> KVCache:
         """An empty KV cache for `batch_size` sequences."""
         return KVCache(self.config.n_layer, batch_size)
 
-    def num_params(self, non_embedding: bool = True) -> int:
+    def num_params(self, non_embedding: bool = True, active: bool = False) -> int:
         """Number of parameters (a tied matrix counts once).
 
         non_embedding (nanoGPT's convention, the N of scaling laws): leave out the pure
         lookup tables, which cost no FLOPs per token - the learned positions wpe, and the
         token embedding wte *unless* it is tied to lm_head, where it also does the output
         matmul and so stays in.
+        active: count only the parameters one token uses - in each MoE block the router and
+        n_expert_active of its n_expert experts (equal for a dense model).
         """
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
@@ -359,6 +411,11 @@ class GPT(nn.Module):
                 n -= self.transformer.wpe.weight.numel()
             if not self.config.tie_weights:
                 n -= self.transformer.wte.weight.numel()
+        if active:
+            for i, block in enumerate(self.transformer.h):
+                if self.config.is_moe_layer(i):
+                    per_expert = sum(p.numel() for p in block.mlp.experts[0].parameters())
+                    n -= (self.config.n_expert - self.config.n_expert_active) * per_expert
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
@@ -370,12 +427,14 @@ class GPT(nn.Module):
         https://arxiv.org/abs/2001.08361, sec. 2.1; PaLM, Chowdhery et al. 2022, appendix B).
         Divide by 3 for inference. N = num_params(non_embedding=True); T defaults to
         block_size. Causal masking and sliding windows are not subtracted: the kernels here
-        compute the masked scores anyway, and MFU conventions count them.
+        compute the masked scores anyway, and MFU conventions count them. With MoE blocks N
+        counts the active parameters (`num_params(active=True)`): a token runs through k
+        experts, not all of them, and dropped assignments are not subtracted.
         """
         T = self.config.block_size if seq_len is None else seq_len
         if T < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        N = self.num_params(non_embedding=True)
+        N = self.num_params(non_embedding=True, active=True)
         return 6 * N + 12 * self.config.n_layer * self.config.n_embd * T
 
     def estimate_mfu(
