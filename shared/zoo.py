@@ -250,6 +250,31 @@ def _write_entry(folder: Path, recipe: Recipe, model: GPT, tok: Tokenizer, metri
     (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
+def save(recipe: Recipe, model: GPT, tok: Tokenizer, metrics: dict) -> Path:
+    """Write a trained model into the cache as the entry of `recipe`; its folder.
+
+    `build` calls this after training; call it yourself to put a model you trained another
+    way (a notebook's own run) into the zoo, so that `load(recipe.name)` finds it - register
+    the recipe first. Everything goes into a temporary sibling folder that is then renamed
+    into place: readers (who check `is_built` without the lock) see no entry or a complete
+    one, and an existing entry is replaced. The model is moved to the CPU.
+    """
+    folder = entry_dir(recipe.name)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        _write_entry(tmp, recipe, model.cpu(), tok, metrics)
+        if folder.exists():  # a rebuild: move the old entry aside, then delete it
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.rename(folder, old)
+            shutil.rmtree(old)
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
 def build(name: str, device: str | torch.device = "cpu", force: bool = False,
           progress: bool = True) -> Path:
     """Make sure the entry of `name` is in the cache (training it if needed); its folder.
@@ -268,19 +293,7 @@ def build(name: str, device: str | torch.device = "cpu", force: bool = False,
         if progress:
             print(f"zoo: training {name!r} (recipe {recipe.hash}) into {folder}", flush=True)
         model, tok, metrics = train_recipe(recipe, device=device, progress=progress)
-        # Write everything into a temporary sibling, then rename it into place: readers
-        # (who check `is_built` without the lock) see no entry or a complete one.
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-        try:
-            _write_entry(tmp, recipe, model.cpu(), tok, metrics)
-            if folder.exists():  # force=True: move the old entry aside, then delete it
-                old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-                os.rename(folder, old)
-                shutil.rmtree(old)
-            os.rename(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        save(recipe, model, tok, metrics)
         if progress:
             print(f"zoo: {name!r} val loss {metrics['val_loss']:.4f} after "
                   f"{metrics['train_seconds']:.0f} s of training", flush=True)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from shared import zoo
 from shared.data import shakespeare_text, train_val_split
-from shared.model import GPT
+from shared.model import GPT, GPTConfig
 from shared.tokenizers import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +100,22 @@ def test_same_recipe_same_weights(tiny):
     b, _ = zoo.load("zoo-test", progress=False)
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), k
+
+
+def test_save_puts_a_model_trained_elsewhere_into_the_zoo(tiny, builds):
+    """zoo.save writes what build would; load then finds it and trains nothing."""
+    tok = CharTokenizer.train(shakespeare_text()[:5000])
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, **TINY["model"]))
+    folder = zoo.save(tiny, model, tok, {"val_loss": 9.0})
+    loaded, loaded_tok = zoo.load("zoo-test", progress=False)
+    assert builds == [] and folder == zoo.entry_dir("zoo-test")
+    assert zoo.metadata("zoo-test")["metrics"] == {"val_loss": 9.0}
+    assert loaded_tok.chars == tok.chars
+    for (k, x), (_, y) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(x, y), k
+    zoo.save(tiny, GPT(model.config), tok, {"val_loss": 8.0})  # replaces the entry
+    assert zoo.metadata("zoo-test")["metrics"] == {"val_loss": 8.0}
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".")] == []
 
 
 def test_failed_build_leaves_nothing(tiny, monkeypatch, tmp_path):
