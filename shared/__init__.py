@@ -14,6 +14,8 @@ One module per concept, read top to bottom by learners:
 - `evaluation`  loss over a token stream, perplexity, bits per byte, BLEU, ROUGE,
                 harness-style multiple-choice scoring
 - `hf`          conversion to and from Hugging Face `transformers`
+- `tinyworld`   a seeded synthetic world: facts, biographies, tasks, preference pairs,
+                the chat template (weeks 4-8)
 - `zoo`         trained course models, built from seeded recipes and cached
 - `plotting`    loss curves and attention heatmaps
 
