@@ -17,6 +17,8 @@ One module per concept, read top to bottom by learners:
 - `tinyworld`   a seeded synthetic world: facts, biographies, tasks, preference pairs,
                 the chat template (weeks 4-8)
 - `zoo`         trained course models, built from seeded recipes and cached
+- `engine`      continuous batching: many requests, one batched decode step at a time
+- `serve`       an OpenAI-compatible HTTP server (FastAPI) on the engine, `python -m shared.serve`
 - `plotting`    loss curves and attention heatmaps
 
 Imports are explicit everywhere (`from shared.model import GPT, GPTConfig`).

@@ -155,9 +155,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each pair (x[i], x[i + hs/2]) of x (B, nh, T, hs) by its angle.
 
-    cos, sin: (T, hs) for the positions of x's T tokens. Because a rotation by angle a
-    followed by the dot product with a vector rotated by b only depends on a - b, the
-    attention score q_m . k_n depends on the offset m - n alone (RoFormer sec. 3.4).
+    cos, sin: (T, hs) for the positions of x's T tokens, or (B, 1, T, hs) when each row of
+    the batch has positions of its own (continuous batching, `shared.engine`). Because a
+    rotation by angle a followed by the dot product with a vector rotated by b only depends
+    on a - b, the attention score q_m . k_n depends on the offset m - n alone (RoFormer
+    sec. 3.4).
     """
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # keep bf16 activations bf16
     return x * cos + _rotate_half(x) * sin
@@ -262,8 +264,15 @@ class MultiHeadAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C). rope: (cos, sin) for these T positions, or None."""
+        """x (B, T, C) -> (B, T, C). rope: (cos, sin) for these T positions, or None.
+
+        key_mask: optional (B, Tk) boolean, True where a key is real, for a batch whose rows
+        are padded on the *left* (`shared.engine`); Tk counts the cached keys plus these T.
+        The causal and window masks then apply in column space, which is right because each
+        row's real keys are contiguous and end at the last column.
+        """
         B, T, C = x.shape
         hs, nh, nkv = self.head_size, self.n_head, self.n_kv_head
         q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
@@ -281,7 +290,13 @@ class MultiHeadAttention(nn.Module):
         # The mask. Common cases need none: training (T == Tk) is plain causal, and one new
         # token with no window sees every cached key.
         mask, is_causal = None, False
-        if self.sliding_window is not None and t_k > self.sliding_window:
+        if key_mask is not None:
+            if key_mask.shape != (B, t_k) or key_mask.dtype != torch.bool:
+                raise ValueError(f"key_mask must be a bool tensor of shape {(B, t_k)}, got "
+                                 f"{key_mask.dtype} {tuple(key_mask.shape)}")
+            mask = causal_mask(T, t_k, self.sliding_window, device=x.device)  # (T, Tk)
+            mask = mask & key_mask[:, None, None, :]  # (B, 1, T, Tk): no padding key is seen
+        elif self.sliding_window is not None and t_k > self.sliding_window:
             mask = causal_mask(T, t_k, self.sliding_window, device=x.device)
         elif T == t_k:
             is_causal = T > 1

@@ -262,8 +262,8 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope=rope, cache=cache)
+    def forward(self, x, rope=None, cache: KVCache | None = None, key_mask=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope=rope, cache=cache, key_mask=key_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -334,6 +334,8 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) long -> (logits (B, T, V), loss or None).
 
@@ -343,13 +345,27 @@ class GPT(nn.Module):
         loss of the MoE blocks; in eval mode it is the pure cross-entropy, so validation
         losses compare with dense models'.
         cache: positions start at cache.pos; the new keys/values are stored and pos advanced.
+        positions, key_mask (continuous batching, `shared.engine`; both default to None, the
+        usual case): positions (B, T) long gives each token its own position, for a batch
+        whose rows have different lengths; key_mask (B, cache.pos + T) bool marks the real
+        keys of rows padded on the left (see `MultiHeadAttention.forward`).
         """
         cfg = self.config
         if idx.dim() != 2 or idx.dtype != torch.long:
             raise ValueError(f"idx must be a 2-D long tensor (B, T), got {idx.dtype} {idx.shape}")
         B, T = idx.shape
         start = 0 if cache is None else cache.pos
-        if cfg.positions in ("learned", "sinusoidal") and start + T > cfg.block_size:
+        end = start + T  # 1 + the last position
+        if positions is not None:
+            if positions.shape != (B, T) or positions.dtype != torch.long:
+                raise ValueError(f"positions must be a long tensor of shape {(B, T)}, got "
+                                 f"{positions.dtype} {tuple(positions.shape)}")
+            if int(positions.min()) < 0:
+                raise ValueError("positions must be >= 0")
+            end = int(positions.max()) + 1
+        if cfg.positions in ("learned", "sinusoidal") and end > cfg.block_size:
+            if positions is not None:
+                raise ValueError(f"position {end - 1} is beyond block_size={cfg.block_size}")
             raise ValueError(f"sequence of {start + T} tokens (cache {start} + input {T}) is "
                              f"longer than block_size={cfg.block_size}")
         # RoPE and "none" have no table of positions, so longer inputs run (quality is
@@ -357,22 +373,29 @@ class GPT(nn.Module):
 
         x = self.transformer.wte(idx)  # (B, T, C)
         if cfg.positions == "learned":
-            pos = torch.arange(start, start + T, device=idx.device)
-            x = x + self.transformer.wpe(pos)  # (T, C) broadcasts over B
+            pos = torch.arange(start, end, device=idx.device) if positions is None else positions
+            x = x + self.transformer.wpe(pos)  # (T, C) broadcasts over B; or (B, T, C)
         elif cfg.positions == "sinusoidal":
             # Subtle: the encodings have norm sqrt(C/2) while GPT-2-initialised embeddings
             # (std 0.02) have norm ~0.02 sqrt(C); unscaled, the positions drown the tokens and
             # the model barely learns. Vaswani et al. (sec. 3.4) multiply the embeddings by
             # sqrt(C); so do we (the tied lm_head still sees the unscaled matrix).
             x = x * math.sqrt(cfg.n_embd)
-            x = x + sinusoidal_positions(start, T, cfg.n_embd, device=idx.device).to(x.dtype)
+            if positions is None:
+                pe = sinusoidal_positions(start, T, cfg.n_embd, device=idx.device)  # (T, C)
+            else:
+                pe = sinusoidal_positions(0, end, cfg.n_embd, device=idx.device)[positions]
+            x = x + pe.to(x.dtype)
         x = self.transformer.drop(x)
         rope = None
         if cfg.positions == "rope":
-            cos, sin = rope_frequencies(cfg.head_size, start + T, cfg.rope_theta, idx.device)
-            rope = cos[start:], sin[start:]  # (T, hs) each: this chunk's positions
+            cos, sin = rope_frequencies(cfg.head_size, end, cfg.rope_theta, idx.device)
+            if positions is None:
+                rope = cos[start:], sin[start:]  # (T, hs) each: this chunk's positions
+            else:
+                rope = cos[positions][:, None], sin[positions][:, None]  # (B, 1, T, hs) per row
         for block in self.transformer.h:
-            x = block(x, rope=rope, cache=cache)
+            x = block(x, rope=rope, cache=cache, key_mask=key_mask)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
         if cache is not None:
