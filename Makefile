@@ -5,6 +5,7 @@
 #   make week W=3   run one week's notebooks headless, one line of key results each
 #   make zoo        build (or check) the cached course models
 #   make readme     regenerate the README's table of notebooks
+#   make bench      every benchmark vs its peer, rewrites bench/RESULTS.md (~5-10 min; not in CI)
 #
 # The CPU torch pin lives in constraints.txt only (Colab keeps its preinstalled torch).
 
@@ -19,7 +20,7 @@ JOBS   ?= 2
 # Jupyter refuses to run as root unless told (containers often are root).
 LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: lab test unit notebooks week zoo readme lint clean
+.PHONY: lab test unit notebooks week zoo readme lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +53,9 @@ week: $(STAMP)
 
 readme: $(STAMP)
 	$(PY) tools/notebooks.py readme
+
+bench: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) bench/run.py
 
 clean:
 	rm -rf build .pytest_cache

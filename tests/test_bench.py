@@ -1,0 +1,91 @@
+"""bench/run.py: a smoke test, not a timing test.
+
+Every benchmark runs at its `--quick` sizes with one repeat and must return rows with the
+fields the report needs, and the report must render. No timing is asserted: the figures
+depend on the machine and its load, and CI does not run the real benchmark (`make bench`).
+The benchmarks' own correctness checks still run here: the tiktoken-derived tokenizer must
+match tiktoken, the converted model's loss must match ours, and the attention variants must
+match PyTorch's SDPA (each raises AssertionError otherwise).
+"""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+COMPARE_FIELDS = {"bench", "case", "unit", "course", "peer", "ratio", "goal"}
+FIELDS = {
+    "tokenizers": COMPARE_FIELDS,
+    "training": COMPARE_FIELDS,
+    "generation": COMPARE_FIELDS | {"note"},
+    "attention": {"bench", "case", "variant", "ms", "peak_mb", "ratio"},
+    "serving": {"bench", "case", "note"},
+    "notebooks": {"bench", "case", "seconds", "note"},
+}
+
+
+def test_every_benchmark_is_covered(bench):
+    assert set(bench.BENCHMARKS) == set(FIELDS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in FIELDS if n not in ("serving", "notebooks")])
+def test_benchmark_quick(bench, name):
+    rows = bench.BENCHMARKS[name](True, 1)
+    assert rows
+    for row in rows:
+        assert FIELDS[name] <= row.keys(), row
+        assert row["bench"] == name
+        measured = [row[k] for k in ("course", "peer", "ms", "peak_mb") if row.get(k) is not None]
+        assert all(math.isfinite(x) and x > 0 for x in measured), row
+    if FIELDS[name] >= COMPARE_FIELDS:  # course against peer: a ratio, and a verdict if a goal
+        for row in rows:
+            assert row["ratio"] > 0
+            if row["goal"].startswith((">=", "<=")):
+                assert bench.verdict(row) in ("ok", "par (within 5%)", "**BEHIND**"), row
+
+
+def test_serving_is_to_come_until_shared_serve_exists(bench):
+    rows = bench.bench_serving(True, 1)
+    assert len(rows) == 1 and rows[0]["note"]
+
+
+def test_notebooks_reads_the_times_file(bench, tmp_path):
+    missing = bench.bench_notebooks(True, 1, path=ROOT / "build" / "no-such-file.json")
+    assert missing[0]["seconds"] is None and "missing" in missing[0]["note"]
+
+    times = tmp_path / "notebook-times.json"
+    times.write_text(json.dumps({"seconds": {"week1/a.ipynb": 2.0, "week2/b.ipynb": 5.0},
+                                 "total": 7.0}))
+    rows = bench.bench_notebooks(True, 1, path=times)
+    assert [r["case"] for r in rows] == ["week2/b.ipynb", "week1/a.ipynb", "total"]
+    assert rows[-1]["seconds"] == 7.0
+
+
+def test_report_renders_and_flags_what_is_behind(bench):
+    rows = {
+        "training": [dict(bench="training", case="fast", unit="tokens/s", course=2.0, peer=1.0,
+                          ratio=0.5, goal=">= peer"),
+                     dict(bench="training", case="slow", unit="tokens/s", course=1.0, peer=2.0,
+                          ratio=2.0, goal=">= peer")],
+        "serving": bench.bench_serving(True, 1),
+    }
+    meta = dict(date="today", wall_s=1.0, machine="m", libraries="l", load_before="0",
+                load_after="0", repeats=5)
+    report = bench.render(rows, meta)
+    assert "| fast | tokens/s | 2 | 1 | 2.00x faster | >= peer | ok |" in report
+    assert "- training: slow (2.00x slower, goal >= peer)" in report
+    assert "## 5. Serving" in report
