@@ -3,6 +3,7 @@
     python bench/run.py                      # everything (~10 min on 2 cores), -> RESULTS.md
     python bench/run.py --only attention     # one or more of BENCHMARKS, printed only
     python bench/run.py --quick              # tiny sizes, seconds; what tests/test_bench.py runs
+    python bench/run.py --only serving --splice  # re-run one section, splice it into RESULTS.md
 
 What is measured (the goals are issue 11's):
 
@@ -30,7 +31,13 @@ What is measured (the goals are issue 11's):
    loop over heads, a minimal batched version, and `F.scaled_dot_product_attention`. Peak
    memory: the largest running sum of the CPU allocator's allocations and frees during the
    call, from `torch.profiler` (profile_memory=True), inputs excluded.
-5. serving - to come, once `shared.serve` exists.
+5. serving - requests/s, completion tokens/s and p50/p95 latency of `shared.serve` (the
+   zoo's shakespeare-char behind real HTTP: uvicorn in a thread, `BackgroundServer` on a
+   free port) at concurrency 1, 4 and 16, with the engine's continuous batching
+   (max_batch_size 16) and one request at a time (max_batch_size 1). A closed-loop load
+   generator (threads, httpx) sends 48 seeded prompts, 40 new tokens each, temperature 0.8
+   with a seed per request; both servers stay up and are run in turns. No peer library:
+   the ratio is continuous over one-at-a-time.
 6. notebooks - each notebook's wall time from the last test run (build/notebook-times.json,
    written by the root conftest.py).
 
@@ -53,6 +60,7 @@ import functools
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -458,8 +466,6 @@ def bench_attention(quick: bool, repeats: int) -> list[dict]:
             rows.append(dict(bench="attention", case=f"T={T}", variant=name,
                              ms=t[name] * 1e3, peak_mb=peak_bytes(calls[name]) / 1e6,
                              ratio=t[name] / t[sdpa]))
-        rows.append(dict(bench="attention", case=f"T={T}", variant="tiled (week 7)",
-                         ms=None, peak_mb=None, ratio=None, note="to come"))
     return rows
 
 
@@ -468,14 +474,123 @@ def bench_attention(quick: bool, repeats: int) -> list[dict]:
 # --------------------------------------------------------------------------------------
 
 
+SERVE_CONCURRENCY = (1, 4, 16)
+SERVE_MODES = {"continuous": 16, "one-at-a-time": 1}  # mode -> Engine max_batch_size
+
+
+def _serve_prompts(n: int, seed: int = 0) -> list[str]:
+    """n seeded prompts: the first 8-24 characters of random Shakespeare speeches."""
+    import random
+
+    from shared.data import shakespeare_text
+
+    text = shakespeare_text()
+    rng = random.Random(seed)
+    starts = [m.end() for m in re.finditer(r"\n\n", text)]
+    return [text[s:s + rng.randint(8, 24)] for s in rng.sample(starts, n)]
+
+
+def _load(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict:
+    """Send every prompt to url's /v1/completions from `concurrency` client threads.
+
+    A closed loop: each thread sends its next request as soon as the last one is answered.
+    Returns requests/s and completion tokens/s over the whole wall time, and the latency
+    percentiles of single requests (send to full answer, non-streaming).
+    """
+    import threading
+
+    import httpx
+
+    todo = list(enumerate(prompts))
+    lock = threading.Lock()
+    latencies: list[float] = []
+    tokens = [0]
+    errors: list[str] = []
+
+    def client():
+        with httpx.Client(base_url=url, timeout=300) as http:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    i, prompt = todo.pop(0)
+                body = dict(model=model, prompt=prompt, max_tokens=max_tokens,
+                            temperature=0.8, seed=i)
+                t = time.perf_counter()
+                r = http.post("/v1/completions", json=body)
+                dt = time.perf_counter() - t
+                with lock:
+                    if r.status_code != 200:
+                        errors.append(f"{r.status_code} {r.text[:200]}")
+                        continue
+                    latencies.append(dt)
+                    tokens[0] += r.json()["usage"]["completion_tokens"]
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise AssertionError(f"{len(errors)} failed requests, first: {errors[0]}")
+    q = statistics.quantiles(latencies, n=20, method="inclusive")  # q[9] = p50, q[18] = p95
+    return dict(rps=len(prompts) / wall, tok_s=tokens[0] / wall, p50_ms=q[9] * 1e3,
+                p95_ms=q[18] * 1e3)
+
+
 def bench_serving(quick: bool, repeats: int) -> list[dict]:
-    try:
-        import shared.serve  # noqa: F401
-    except ImportError:
-        return [dict(bench="serving", case="shared.serve", note="to come: shared.serve does "
-                     "not exist yet")]
-    return [dict(bench="serving", case="shared.serve", note="to come: shared.serve exists, "
-                 "its benchmark is not written yet")]
+    """Requests/s, tokens/s and p50/p95 latency of `shared.serve` at several concurrencies.
+
+    The zoo's shakespeare-char behind real HTTP (uvicorn in a thread, `BackgroundServer`),
+    twice: the engine's continuous batching (max_batch_size 16) and one request at a time
+    (max_batch_size 1: the others wait in its queue). Both servers stay up; the runs go in
+    turns (every concurrency and mode once per repeat) and each figure is the median of the
+    repeats. The load generator shares the process (and the GIL) with the servers.
+    """
+    from shared import zoo
+    from shared.engine import Engine
+    from shared.serve import BackgroundServer, create_app
+
+    name = "shakespeare-char"
+    model, tok = zoo.load(name)
+    n_requests, max_tokens = (8, 8) if quick else (48, 40)
+    concurrencies = (1, 4) if quick else SERVE_CONCURRENCY
+    prompts = _serve_prompts(n_requests)
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for mode, batch in SERVE_MODES.items():
+            engine = Engine(model, tok, name=name, max_batch_size=batch,
+                            max_new_tokens=max_tokens)
+            urls[mode] = stack.enter_context(BackgroundServer(create_app(engine))).url
+        for url in urls.values():  # warm-up: first requests pay one-off costs
+            _load(url, name, prompts[:4], max_tokens, 4)
+        runs: dict[tuple[int, str], list[dict]] = {}
+        for _ in range(repeats):
+            for c in concurrencies:
+                for mode, url in urls.items():
+                    runs.setdefault((c, mode), []).append(
+                        _load(url, name, prompts, max_tokens, c))
+    rows = []
+    for c in concurrencies:
+        med = {mode: {k: statistics.median(r[k] for r in runs[c, mode]) for k in runs[c, mode][0]}
+               for mode in SERVE_MODES}
+        for mode in SERVE_MODES:
+            row = dict(bench="serving", case=f"concurrency {c}", mode=mode, **med[mode],
+                       max_batch_size=SERVE_MODES[mode], note="")
+            if mode == "continuous":
+                one = med["one-at-a-time"]
+                row["ratio"] = med[mode]["rps"] / one["rps"]
+                row["note"] = (f"vs one-at-a-time: {row['ratio']:.2f}x requests/s, p50 "
+                               f"{med[mode]['p50_ms'] / one['p50_ms']:.2f}x, p95 "
+                               f"{med[mode]['p95_ms'] / one['p95_ms']:.2f}x")
+            rows.append(row)
+    setup = (f"{n_requests} requests per run, {max_tokens} new tokens each (temperature 0.8, "
+             f"seed = request index), prompts 8-24 characters; median of {repeats} runs")
+    for row in rows:
+        row["setup"] = setup
+    return rows
 
 
 def bench_notebooks(quick: bool, repeats: int, path: Path = NOTEBOOK_TIMES) -> list[dict]:
@@ -594,9 +709,22 @@ def render(results: dict[str, list[dict]], meta: dict) -> str:
             ms = r.get("note", "") if r["ms"] is None else _fmt(r["ms"])
             lines.append(f"| {r['case'][2:]} | {r['variant']} | {ms} | {_fmt(r['peak_mb'])} | "
                          f"{ratio} |")
-        lines.append("")
+        lines += ["", "The tiled, FlashAttention-style version (week 7) is not in `shared`: it "
+                  "lives in week7/02_flash_attention.ipynb and is measured there.", ""]
     if "serving" in results:
-        lines += ["## 5. Serving", "", *[f"- {r['note']}" for r in results["serving"]], ""]
+        rows = results["serving"]
+        lines += ["## 5. Serving (shakespeare-char over HTTP: continuous batching vs one "
+                  "request at a time)", "", f"{rows[0]['setup']}; closed loop: each client "
+                  "sends its next request when the last is answered; latency = send to full "
+                  "answer; tokens/s counts completion tokens.", "",
+                  "| concurrency | engine | req/s | tokens/s | p50 ms | p95 ms | continuous / "
+                  "one-at-a-time |", "|---:|---|---:|---:|---:|---:|---|"]
+        for r in rows:
+            mode = f"{r['mode']} (max_batch_size {r['max_batch_size']})"
+            lines.append(f"| {r['case'].split()[-1]} | {mode} | {_fmt(r['rps'])} | "
+                         f"{_fmt(r['tok_s'])} | {_fmt(r['p50_ms'])} | {_fmt(r['p95_ms'])} | "
+                         f"{r['note']} |")
+        lines.append("")
     if "notebooks" in results:
         lines += ["## 6. The course's notebooks (wall seconds, from the last test run)", "",
                   "| notebook | seconds | note |", "|---|---:|---|"]
@@ -608,6 +736,44 @@ def render(results: dict[str, list[dict]], meta: dict) -> str:
     lines += ["## Where the course is behind its goal", ""]
     lines += [f"- {b}" for b in behind] or ["- nowhere in this run"]
     return "\n".join(lines) + "\n"
+
+
+def _sections(text: str) -> list[str]:
+    """The report cut before every "## " heading: [header, section, section, ...]."""
+    return re.split(r"(?m)^(?=## )", text)
+
+
+def splice(existing: str, results: dict[str, list[dict]], meta: dict) -> str:
+    """`existing` (a full report) with the sections of `results` replaced by a fresh render.
+
+    The header gets one line per re-run section (date, load average, repeats), replacing an
+    older line for the same section; the list of where the course is behind keeps its lines
+    for the other benchmarks and takes the new ones for these.
+    """
+    new = {s.split(".", 1)[0]: s for s in _sections(render(results, meta))[1:]}
+    parts = _sections(existing)
+    for i, part in enumerate(parts[1:], 1):
+        key = part.split(".", 1)[0]
+        if key in new and key != "## Where the course is behind its goal\n":
+            parts[i] = new[key]
+    header, names = parts[0].rstrip("\n").split("\n"), ", ".join(results)
+    header = [h for h in header if not h.startswith(f"- re-run alone: {names};")]
+    header.append(f"- re-run alone: {names}; on {meta['date']}, {meta['wall_s']:.0f} s, load "
+                  f"average before {meta['load_before']}, after {meta['load_after']}, median "
+                  f"of {meta['repeats']} runs (`bench/run.py --only {names.replace(',', '')} "
+                  "--splice`); the other sections are from the run dated above")
+    parts[0] = "\n".join(header) + "\n\n"
+    behind_head = "## Where the course is behind its goal"
+    fresh = [f"- {b}: {r['case']} ({r['ratio']:.2f}x slower, goal {r['goal']})"
+             for b, rows in results.items() for r in rows if verdict(r) == "**BEHIND**"]
+    for i, part in enumerate(parts):
+        if part.startswith(behind_head):
+            kept = [ln for ln in part.split("\n")[1:] if ln.startswith("- ")
+                    and ln != "- nowhere in this run"
+                    and not ln.startswith(tuple(f"- {b}:" for b in results))]
+            parts[i] = "\n".join([behind_head, "", *(kept + fresh or
+                                                       ["- nowhere in this run"])]) + "\n"
+    return "".join(parts)
 
 
 def machine() -> str:
@@ -647,6 +813,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="runs per figure (5)")
     parser.add_argument("--all-generation", action="store_true",
                         help="time every no-cache generation cell (many minutes)")
+    parser.add_argument("--splice", action="store_true",
+                        help="with --only: replace those sections of bench/RESULTS.md (or "
+                             "--out) in place, keep the rest, and note the re-run in its header")
     parser.add_argument("--out", type=Path, default=None,
                         help="write the report here (default: bench/RESULTS.md for a full "
                              "run of everything, else print only)")
@@ -656,6 +825,13 @@ def main(argv=None) -> None:
     results, meta = run(names, args.quick, repeats, args.all_generation)
     report = render(results, meta)
     print(report)
+    if args.splice:
+        if not args.only or args.quick:
+            parser.error("--splice needs --only and no --quick")
+        out = args.out or RESULTS
+        out.write_text(splice(out.read_text(), results, meta))
+        print(f"spliced {', '.join(names)} into {out}")
+        return
     out = args.out or (RESULTS if not args.only and not args.quick else None)
     if out is not None:
         out.write_text(report)

@@ -32,7 +32,7 @@ FIELDS = {
     "training": COMPARE_FIELDS,
     "generation": COMPARE_FIELDS | {"note"},
     "attention": {"bench", "case", "variant", "ms", "peak_mb", "ratio"},
-    "serving": {"bench", "case", "note"},
+    "serving": {"bench", "case", "mode", "rps", "tok_s", "p50_ms", "p95_ms", "note", "setup"},
     "notebooks": {"bench", "case", "seconds", "note"},
 }
 
@@ -58,9 +58,40 @@ def test_benchmark_quick(bench, name):
                 assert bench.verdict(row) in ("ok", "par (within 5%)", "**BEHIND**"), row
 
 
-def test_serving_is_to_come_until_shared_serve_exists(bench):
+@pytest.mark.slow
+def test_serving_quick(bench):
+    """Real servers on free ports, a few requests each; both engines, every concurrency."""
     rows = bench.bench_serving(True, 1)
-    assert len(rows) == 1 and rows[0]["note"]
+    assert {(r["case"], r["mode"]) for r in rows} == {
+        (f"concurrency {c}", m) for c in (1, 4) for m in bench.SERVE_MODES}
+    for row in rows:
+        assert FIELDS["serving"] <= row.keys(), row
+        assert all(math.isfinite(row[k]) and row[k] > 0
+                   for k in ("rps", "tok_s", "p50_ms", "p95_ms")), row
+        assert row["p50_ms"] <= row["p95_ms"]
+        assert (row["mode"] == "continuous") == ("ratio" in row)
+
+
+def _serving_rows(rps: float) -> list[dict]:
+    return [dict(bench="serving", case="concurrency 4", mode=m, max_batch_size=b, rps=rps,
+                 tok_s=10 * rps, p50_ms=100.0, p95_ms=200.0, setup="8 requests", note="")
+            for m, b in (("continuous", 16), ("one-at-a-time", 1))]
+
+
+def test_splice_replaces_only_the_rerun_section(bench):
+    meta = dict(date="today", wall_s=1.0, machine="m", libraries="l", load_before="0",
+                load_after="0", repeats=5)
+    slow = dict(bench="training", case="slow", unit="tokens/s", course=1.0, peer=2.0,
+                ratio=2.0, goal=">= peer")
+    old = bench.render({"training": [slow], "serving": _serving_rows(1.0)}, meta)
+    again = dict(meta, date="tomorrow", load_before="9 9 9")
+    new = bench.splice(old, {"serving": _serving_rows(3.0)}, again)
+    assert "| 4 | continuous (max_batch_size 16) | 3 | 30 |" in new
+    assert "| 4 | continuous (max_batch_size 16) | 1 | 10 |" not in new
+    assert new.count("## 5. Serving") == 1 and "| slow | tokens/s |" in new
+    assert "- re-run alone: serving; on tomorrow" in new and "load average before 9 9 9" in new
+    assert "- training: slow (2.00x slower, goal >= peer)" in new  # kept: not re-run
+    assert bench.splice(new, {"serving": _serving_rows(3.0)}, again) == new  # idempotent
 
 
 def test_notebooks_reads_the_times_file(bench, tmp_path):
@@ -81,7 +112,7 @@ def test_report_renders_and_flags_what_is_behind(bench):
                           ratio=0.5, goal=">= peer"),
                      dict(bench="training", case="slow", unit="tokens/s", course=1.0, peer=2.0,
                           ratio=2.0, goal=">= peer")],
-        "serving": bench.bench_serving(True, 1),
+        "serving": _serving_rows(1.0),
     }
     meta = dict(date="today", wall_s=1.0, machine="m", libraries="l", load_before="0",
                 load_after="0", repeats=5)
