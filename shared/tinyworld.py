@@ -157,7 +157,8 @@ class WorldConfig:
     n_heldout: int = 25          # documents never in pretraining (~12%)
     n_cities: int = 30
     n_countries: int = 6
-    n_phrasings: int = 4         # templates per relation used in biographies (1..5)
+    n_phrasings: int = 2         # templates per relation used in biographies (1..5); 2, not
+    # 4: a 0.9M char model (150 s CPU) recalls ~2x more bio facts (0.55 vs 0.27 at 40 people)
     docs_per_person: int = 6     # biographies per person, each with its own phrasings/order
     val_fraction: float = 0.1    # of people and of person-free tasks
     test_fraction: float = 0.2
@@ -472,6 +473,27 @@ class World:
     def pretraining_corpus(self) -> str:
         """Documents without the held-out people, shuffled, separated by blank lines."""
         return self._corpus
+
+    def pretraining_documents(self, qa_copies: int = 0) -> list[str]:
+        """The corpus as a list of texts (biographies and gazetteer, no held-out person), plus
+        `qa_copies` copies of every train person's fact questions - each question template -
+        as chat texts `format_chat([user, assistant])`. This is the paper's *mixed training*:
+        in the paper, a model that sees the QA of some people next to everyone's biographies
+        learns to answer about the others from their biographies alone. Subtle: at the course's
+        CPU scale (0.9M params, ~150 s) that transfer was weak in probes - 2-8% on val people,
+        against 67% on the train people whose QA was seen. Unshuffled: documents, then QA."""
+        if not isinstance(qa_copies, int) or qa_copies < 0:
+            raise ValueError(f"qa_copies must be an int >= 0, got {qa_copies!r}")
+        docs = [d.text for d in self._docs
+                if d.person is None or self.split_of[d.person] != "heldout"]
+        for _ in range(qa_copies):
+            for name in self.people_in("train"):
+                for rel in RELATIONS:
+                    for q in _QUESTIONS[rel]:
+                        docs.append(format_chat([{"role": "user", "content": q.format(s=name)},
+                                                 {"role": "assistant",
+                                                  "content": self.lookup(name, rel)}]))
+        return docs
 
     # --- task families --------------------------------------------------------------------
     def _person_splits(self) -> dict[str, list[str]]:

@@ -72,7 +72,7 @@ def test_sizes_of_one_part_do_not_change_the_others(world):
 def test_default_sizes_suit_a_cpu(world):
     s = world.summary()
     assert s["people"] == 200 and s["heldout"] == 25
-    assert 300_000 < s["corpus_chars"] < 1_000_000  # ~0.3 MB: a small char model memorises it
+    assert 250_000 < s["corpus_chars"] < 1_000_000  # ~0.3 MB of biographies and gazetteer
     assert s["examples_train"] > 4000 and s["examples_rag"] == 25 * len(RELATIONS)
 
 
@@ -129,6 +129,27 @@ def test_heldout_people_never_reach_pretraining_or_training(world):
                 else split
             for name in who.findall(text_of(ex)):
                 assert world.split_of[name] == want, (split, ex.family, name)
+
+
+def test_pretraining_documents_mix_in_only_the_train_peoples_qa(world):
+    plain = world.pretraining_documents()
+    assert sorted(plain) == sorted(world.pretraining_corpus().strip().split("\n\n"))
+    mixed = world.pretraining_documents(qa_copies=2)
+    qa = mixed[len(plain):]
+    assert mixed[:len(plain)] == plain
+    assert len(qa) == 2 * 2 * len(RELATIONS) * len(world.people_in("train"))
+    who = name_pattern(world.people)
+    for text in qa:
+        assert text.startswith(USER) and text.endswith(END)
+        assert {world.split_of[n] for n in who.findall(text)} == {"train"}
+    # Every answer is the fact of the person asked about.
+    train_qa = {ex.prompt: ex.response for ex in world.examples("train", "fact_qa")}
+    for text in qa:
+        q, a = text[len(USER):-len(END)].split(END + ASSISTANT)
+        if q in train_qa:
+            assert a == train_qa[q]
+    with pytest.raises(ValueError, match="qa_copies"):
+        world.pretraining_documents(qa_copies=-1)
 
 
 def test_splits_are_disjoint_by_prompt_and_test_prompts_never_in_train(world):
