@@ -16,6 +16,9 @@ One module per concept, read top to bottom by learners:
 - `hf`          conversion to and from Hugging Face `transformers`
 - `tinyworld`   a seeded synthetic world: facts, biographies, tasks, preference pairs,
                 the chat template (weeks 4-8)
+- `chat`        SFT rows packed with the reply-only loss mask, chat generation with tools,
+                exact-match evaluation per task family
+- `align`       reply log-probs, a reward model, Bradley-Terry and DPO losses, GRPO advantages
 - `zoo`         trained course models, built from seeded recipes and cached
 - `engine`      continuous batching: many requests, one batched decode step at a time
 - `serve`       an OpenAI-compatible HTTP server (FastAPI) on the engine, `python -m shared.serve`

@@ -15,18 +15,30 @@ What it holds:
   `Fact(subject, relation, object)`; every document and answer is rendered from the facts;
 - `documents()` (the retrieval store: everyone) and `pretraining_corpus()` (no held-out
   person's name or fact appears in it, so questions about them need retrieval or a tool);
+  `pretraining_documents()` adds optional mixtures: biographies grouped by person,
+  plain-text arithmetic and string problems, chat QA;
 - `examples(split, family)`: `Example(family, prompt, response, answer, meta)` in families
   fact_qa, arithmetic, string, json_format, refusal and tool_use, with `is_correct`;
 - `preference_pairs(split)` (correct_vs_wrong, helpful_vs_evasive, polite_vs_rude) and
   `rl_prompts(split)` with a verifiable `reward`;
 - one chat template (`format_chat`, `encode_chat` with the SFT loss mask) and `tokenizer()`.
 
+Open book. Every person task (fact_qa, json_format, refusal) is asked with a context:
+`with_context(question, [passage])`, the passage being `context_sentences` sentences of one
+of the person's biographies, always including the ones that answer. Why not closed book,
+as in the paper: at this scale the model does not store enough. Probes (0.9M parameters,
+~150 s of CPU pretraining) recalled ~55% of the biography facts of 40 people and far fewer
+of 175, and answered about people whose questions it never trained on 2-8% of the time even
+with mixed QA pretraining. Reading the answer from the context is a skill a small model
+can learn, and it is exactly what retrieval (week 5) feeds it; the `rag` split keeps its
+questions bare, to be filled by a retriever with the same `with_context`.
+
 Splits. People who are not held out are split train/val/test, and every example about a
 person (fact_qa, json_format, refusal, tool lookups) uses the people of its split: a test
-question is about someone no training question mentions, which is the knowledge-extraction
-test of the paper. Held-out people appear only in the `rag` split of fact_qa and in the test
-split of tool_use (lookups), never in a train split. Person-free tasks are split by
-expression or prompt, so a test prompt never occurs in train.
+question is about someone no training question mentions, so answering it takes reading the
+context, not remembering an answer. Held-out people appear only in the `rag` split of
+fact_qa and in the test split of tool_use (lookups), never in a train split. Person-free
+tasks are split by expression or prompt, so a test prompt never occurs in train.
 
 Why characters: with a character vocabulary every digit and letter is its own token, so
 "reverse 'kavo'" or "47 + 38" are about visible symbols; a BPE model sees "47" or "avo" as
@@ -60,6 +72,16 @@ TOOLS_SYSTEM = "Tools: [calculator: expression] and [lookup: name, relation]."
 FAMILIES = ("fact_qa", "arithmetic", "string", "json_format", "refusal", "tool_use")
 SPLITS = ("train", "val", "test", "rag")
 PAIR_KINDS = ("correct_vs_wrong", "helpful_vs_evasive", "polite_vs_rude")
+
+
+def with_context(question: str, passages: list[str]) -> str:
+    """The open-book prompt: "Context: <passages, one per line>", a blank line, the question.
+
+    Every person task of the world is asked this way, and week 5's retrieval fills the
+    passages of the `rag` split's bare questions with the same function."""
+    if not passages:
+        raise ValueError("with_context needs at least one passage")
+    return "Context: " + "\n".join(passages) + "\n\n" + question
 
 
 def tokenizer():
@@ -160,6 +182,7 @@ class WorldConfig:
     n_phrasings: int = 2         # templates per relation used in biographies (1..5); 2, not
     # 4: a 0.9M char model (150 s CPU) recalls ~2x more bio facts (0.55 vs 0.27 at 40 people)
     docs_per_person: int = 6     # biographies per person, each with its own phrasings/order
+    context_sentences: int = 3   # biography sentences in the context of a person task (1..7)
     val_fraction: float = 0.1    # of people and of person-free tasks
     test_fraction: float = 0.2
     n_arithmetic: int = 1500     # single-step problems
@@ -188,6 +211,7 @@ class WorldConfig:
         need("n_heldout", 2 <= self.n_heldout <= self.n_people // 2, "in 2..n_people // 2")
         need("n_cities", self.n_cities >= max(2, self.n_countries), ">= 2 and >= n_countries")
         need("n_phrasings", self.n_phrasings <= 5, "in 1..5")
+        need("context_sentences", self.context_sentences <= 7, "in 1..7")
         need("max_steps", 2 <= self.max_steps <= 4, "in 2..4")
         need("max_operand", self.max_operand >= 10, ">= 10")
         need("max_mul_operand", self.max_mul_operand >= 2, ">= 2")
@@ -474,18 +498,41 @@ class World:
         """Documents without the held-out people, shuffled, separated by blank lines."""
         return self._corpus
 
-    def pretraining_documents(self, qa_copies: int = 0) -> list[str]:
-        """The corpus as a list of texts (biographies and gazetteer, no held-out person), plus
-        `qa_copies` copies of every train person's fact questions - each question template -
-        as chat texts `format_chat([user, assistant])`. This is the paper's *mixed training*:
-        in the paper, a model that sees the QA of some people next to everyone's biographies
-        learns to answer about the others from their biographies alone. Subtle: at the course's
-        CPU scale (0.9M params, ~150 s) that transfer was weak in probes - 2-8% on val people,
-        against 67% on the train people whose QA was seen. Unshuffled: documents, then QA."""
-        if not isinstance(qa_copies, int) or qa_copies < 0:
-            raise ValueError(f"qa_copies must be an int >= 0, got {qa_copies!r}")
-        docs = [d.text for d in self._docs
-                if d.person is None or self.split_of[d.person] != "heldout"]
+    def pretraining_documents(self, qa_copies: int = 0, by_person: bool = False,
+                              skill_copies: int = 0) -> list[str]:
+        """The corpus as a list of texts (biographies and gazetteer, no held-out person),
+        unshuffled, plus optional mixtures:
+
+        - `by_person`: each person's biographies joined into one text (and each country's
+          gazetteer entries), so a model reading the second biography can find every fact
+          in the first - it learns to look facts up in its context, which the open-book
+          person tasks need (grouping related documents in one context is Shi et al. 2023,
+          "In-Context Pretraining", https://arxiv.org/abs/2310.10638).
+        - `skill_copies`: that many copies of every *train* arithmetic and string problem
+          as plain text "Q: <prompt>\nA: <response>" - the kind of text a web corpus holds.
+          No val or test problem is in it, and no chat token: the model learns the skill
+          here and the chat protocol in SFT.
+        - `qa_copies`: copies of every train person's fact questions - each question
+          template - as chat texts (the paper's *mixed training*: a model that sees the QA
+          of some people learns to answer about others from their biographies alone). At
+          the course's CPU scale that transfer was weak in probes - 2-8% on val people
+          against 67% on the train people whose QA was seen - hence the open-book tasks.
+        """
+        for name, v in (("qa_copies", qa_copies), ("skill_copies", skill_copies)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        kept = [d for d in self._docs if d.person is None or self.split_of[d.person] != "heldout"]
+        if by_person:
+            groups: dict[str, list[str]] = {}
+            for d in kept:  # bio-0007-3 -> bio-0007; country-bekia-2 -> country-bekia
+                groups.setdefault(d.doc_id.rsplit("-", 1)[0], []).append(d.text)
+            docs = ["\n".join(texts) for texts in groups.values()]
+        else:
+            docs = [d.text for d in kept]
+        for _ in range(skill_copies):
+            for family in ("arithmetic", "string"):
+                docs += [f"Q: {ex.prompt}\nA: {ex.response}"
+                         for ex in self._examples[family, "train"]]
         for _ in range(qa_copies):
             for name in self.people_in("train"):
                 for rel in RELATIONS:
@@ -510,8 +557,22 @@ class World:
                     if split == "rag":
                         meta["doc_ids"] = [d.doc_id for d in self._docs if d.person == name]
                     q = rng.choice(_QUESTIONS[rel]).format(s=name)
+                    if split != "rag":  # the rag split's questions are bare: retrieve first
+                        q = with_context(q, [self._passage(name, [obj], rng)])
                     out[split].append(Example("fact_qa", q, obj, obj, meta))
         return out
+
+    def _passage(self, name: str, answers: list[str], rng: random.Random) -> str:
+        """The context of a person task: `context_sentences` sentences of one of `name`'s
+        biographies (drawn at random), in its order - every sentence that states one of
+        `answers`, then others drawn at random. A retriever's top chunks look the same."""
+        text = rng.choice([d.text for d in self._docs if d.person == name])
+        sentences = re.split(r"(?<=\.) ", text)
+        keep = {i for i, t in enumerate(sentences) if any(a in t for a in answers)}
+        rest = [i for i in range(len(sentences)) if i not in keep]
+        keep |= set(rng.sample(rest, max(0, min(len(rest),
+                                                self.config.context_sentences - len(keep)))))
+        return " ".join(sentences[i] for i in sorted(keep))
 
     def _unique(self, rng, n, make):
         """Up to n distinct keys from `make(rng)`, in drawing order (gives up on a tiny space)."""
@@ -599,7 +660,9 @@ class World:
                 for k1, k2 in rng.sample(pairs, self.config.json_per_person):
                     answer = {k: self.lookup(name, k) for k in (k1, k2)}
                     answer = {k: int(v) if k == "birth_year" else v for k, v in answer.items()}
-                    q = f'Reply in JSON with the keys "{k1}" and "{k2}" for {name}.'
+                    q = with_context(f'Reply in JSON with the keys "{k1}" and "{k2}" for '
+                                     f'{name}.', [self._passage(name, [str(v) for v in
+                                                                      answer.values()], rng)])
                     out[split].append(Example("json_format", q, json.dumps(answer), answer,
                                               {"split": split, "person": name}))
         return out
@@ -619,6 +682,8 @@ class World:
                         template, rel = rng.choice(_SAFE)
                         q, answer = template.format(**kw), self.lookup(name, rel)
                         meta["relation"] = rel
+                    # The context holds the answer of a safe request; an unsafe one, any 3.
+                    q = with_context(q, [self._passage(name, [answer] if j % 2 else [], rng)])
                     out[split].append(Example("refusal", q, answer, answer, meta))
         return out
 

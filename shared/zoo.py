@@ -51,14 +51,20 @@ import torch
 from filelock import FileLock
 from safetensors.torch import load_model, save_model
 
+from shared.chat import evaluate, masked_loss, pack_chats
+from shared.chat import make_get_batch as chat_get_batch
 from shared.data import shakespeare_text, train_val_split
 from shared.evaluation import mean_loss
 from shared.model import GPT, GPTConfig
+from shared.tinyworld import World, make_world
+from shared.tinyworld import tokenizer as tinyworld_tokenizer
 from shared.tokenizers import CharTokenizer, Tokenizer
 from shared.train import TrainConfig, make_get_batch, train
 from shared.utils import library_versions, seed_everything
 
 FILES = ("model.safetensors", "config.json", "tokenizer.json")
+
+EVAL_PER_FAMILY = 50  # test examples per task family in a chat model's metrics
 
 # TrainConfig fields a recipe may not set: the zoo owns them.
 _ZOO_OWNED = ("seed", "device", "checkpoint_path", "progress")
@@ -79,14 +85,52 @@ def _shakespeare_char() -> tuple[Tokenizer, torch.Tensor, torch.Tensor]:
     return tok, train_ids, val_ids
 
 
-DATASETS = {"shakespeare-char": _shakespeare_char}
+@functools.cache
+def tinyworld() -> World:
+    """The zoo's tiny world: `make_world(seed=0)` with the default sizes."""
+    return make_world(seed=0)
 
 
-def dataset(name: str) -> tuple[Tokenizer, torch.Tensor, torch.Tensor]:
-    """(tokenizer, train ids, val ids) of a data set the recipes can name."""
+@functools.cache
+def _tinyworld_corpus() -> tuple[Tokenizer, torch.Tensor, torch.Tensor]:
+    """Characters of the world's pretraining corpus (no held-out person): 95/5 split."""
+    tok = tinyworld_tokenizer()
+    ids = torch.tensor(tok.encode(tinyworld().pretraining_corpus()), dtype=torch.long)
+    train_ids, val_ids = train_val_split(ids, 0.05)
+    return tok, train_ids, val_ids
+
+
+@functools.cache
+def _tinyworld_chat(block_size: int):
+    """Every train / val example of the world as packed SFT rows (`shared.chat.pack_chats`):
+    (tokenizer, (inputs, targets) train, (inputs, targets) val), targets -100 off replies."""
+    tok, world = tinyworld_tokenizer(), tinyworld()
+    rows = [pack_chats([ex.messages() for ex in world.examples(split)], tok, block_size)
+            for split in ("train", "val")]
+    return tok, rows[0], rows[1]
+
+
+# name -> (loader, whether it takes block_size: packed rows rather than one token stream)
+DATASETS = {"shakespeare-char": (_shakespeare_char, False),
+            "tinyworld": (_tinyworld_corpus, False),
+            "tinyworld-chat": (_tinyworld_chat, True)}
+
+
+def dataset(name: str, block_size: int | None = None):
+    """(tokenizer, train, val) of a data set the recipes can name.
+
+    A token stream (shakespeare-char, tinyworld) gives 1-D tensors of ids; packed chat rows
+    (tinyworld-chat, which needs the block_size) give (inputs, targets) pairs.
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; known: {sorted(DATASETS)}")
-    return DATASETS[name]()
+    loader, packed = DATASETS[name]
+    if not packed:
+        return loader()
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"data set {name!r} is packed into rows: give block_size, "
+                         f"got {block_size!r}")
+    return loader(block_size)
 
 
 # --------------------------------------------------------------------------------------
@@ -100,6 +144,9 @@ class Recipe:
 
     model: GPTConfig fields; vocab_size is taken from the data set's tokenizer.
     train: TrainConfig fields, except seed, device, checkpoint_path and progress (the zoo's).
+    init_from: the name of a registered recipe whose trained weights (and GPTConfig) this
+    one starts from - fine-tuning; `model` must then be empty. Its hash enters this one's,
+    so rebuilding the parent with another recipe rebuilds the child.
     """
 
     name: str
@@ -108,6 +155,7 @@ class Recipe:
     train: dict = field(default_factory=dict)
     data: str = "shakespeare-char"
     seed: int = 1337
+    init_from: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
@@ -120,6 +168,13 @@ class Recipe:
             raise ValueError(f"Recipe.train may not set {owned}: the zoo sets them")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"Recipe.seed must be an int >= 0, got {self.seed!r}")
+        if self.init_from is not None:
+            if self.init_from not in RECIPES:
+                raise ValueError(f"Recipe.init_from must name a registered recipe, got "
+                                 f"{self.init_from!r}; known: {sorted(RECIPES)}")
+            if self.model:
+                raise ValueError("Recipe.model must be empty with init_from: the model is "
+                                 f"{self.init_from!r}'s")
         # Fail at registration, not minutes into a build: both configs must validate.
         GPTConfig(**{"vocab_size": 256, **self.model})
         TrainConfig(**self.train)
@@ -135,6 +190,8 @@ class Recipe:
         """
         fields = dataclasses.asdict(self)
         del fields["description"]
+        if self.init_from is not None:  # the parent's whole recipe, not just its name
+            fields["init_from"] = get_recipe(self.init_from).hash
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -217,18 +274,34 @@ def val_loss(model: GPT, val_ids: torch.Tensor, block_size: int | None = None,
 def train_recipe(recipe: Recipe, device: str | torch.device = "cpu",
                  progress: bool = True) -> tuple[GPT, Tokenizer, dict]:
     """Train a recipe from scratch (no cache): (model in eval mode, tokenizer, metrics)."""
-    tok, train_ids, val_ids = dataset(recipe.data)
     seed_everything(recipe.seed)  # the initial weights
-    config = GPTConfig(**{"vocab_size": tok.vocab_size, **recipe.model})
-    model = GPT(config)
+    if recipe.init_from is not None:
+        model, _ = load(recipe.init_from, progress=progress)
+        config = model.config
+    else:
+        config = GPTConfig(**{"vocab_size": 256, **recipe.model})
+        tok = dataset(recipe.data, config.block_size)[0]
+        config = dataclasses.replace(config, vocab_size=tok.vocab_size)
+        model = GPT(config)
+    tok, train_data, val_data = dataset(recipe.data, config.block_size)
+    if tok.vocab_size != config.vocab_size:
+        raise ValueError(f"data set {recipe.data!r} has {tok.vocab_size} tokens, the model "
+                         f"{config.vocab_size}")
+    packed = isinstance(train_data, tuple)
+    get_batch = chat_get_batch(train_data, val_data) if packed else \
+        make_get_batch(train_data, val_data, config.block_size)
     tcfg = TrainConfig(**recipe.train, seed=recipe.seed, device=str(device), progress=progress)
     t0 = time.perf_counter()
-    train(model, make_get_batch(train_ids, val_ids, config.block_size), tcfg)
+    train(model.to(device).train(), get_batch, tcfg)
     train_seconds = time.perf_counter() - t0
     model.eval()
+    if packed:  # the loss on the reply tokens of the val split
+        loss, n_val = masked_loss(model, *val_data), int((val_data[1] != -100).sum())
+    else:
+        loss, n_val = val_loss(model, val_data), len(val_data)
     metrics = dict(
-        val_loss=round(val_loss(model, val_ids), 4),
-        val_tokens=len(val_ids),
+        val_loss=round(loss, 4),
+        val_tokens=n_val,
         train_seconds=round(train_seconds, 2),
         steps=tcfg.max_steps,
         tokens_seen=tcfg.max_steps * tcfg.batch_size * config.block_size,
@@ -238,6 +311,9 @@ def train_recipe(recipe: Recipe, device: str | torch.device = "cpu",
         torch=torch.__version__,
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )
+    if recipe.data == "tinyworld-chat":  # what the model is for: answers, per task family
+        acc = evaluate(model, tok, tinyworld(), "test", per_family=EVAL_PER_FAMILY)["accuracy"]
+        metrics["test_accuracy"] = {k: round(v, 4) for k, v in acc.items()}
     return model, tok, metrics
 
 

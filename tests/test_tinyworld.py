@@ -142,14 +142,33 @@ def test_pretraining_documents_mix_in_only_the_train_peoples_qa(world):
     for text in qa:
         assert text.startswith(USER) and text.endswith(END)
         assert {world.split_of[n] for n in who.findall(text)} == {"train"}
-    # Every answer is the fact of the person asked about.
-    train_qa = {ex.prompt: ex.response for ex in world.examples("train", "fact_qa")}
+    # Every answer is a fact of the person asked about.
     for text in qa:
         q, a = text[len(USER):-len(END)].split(END + ASSISTANT)
-        if q in train_qa:
-            assert a == train_qa[q]
+        (name,) = who.findall(q)
+        assert a in {world.lookup(name, r) for r in RELATIONS}
     with pytest.raises(ValueError, match="qa_copies"):
         world.pretraining_documents(qa_copies=-1)
+
+
+def test_pretraining_by_person_and_skills_hold_the_same_text_and_no_test_problem(world):
+    plain = world.pretraining_documents()
+    grouped = world.pretraining_documents(by_person=True)
+    assert sorted(t for g in grouped for t in g.split("\n")) == sorted(plain)
+    person_of = {d.text: d.person or d.doc_id.rsplit("-", 1)[0] for d in world.documents()}
+    for text in grouped:  # one person's biographies (or one country's gazetteer) per text
+        assert len({person_of[t] for t in text.split("\n")}) == 1
+    assert len(grouped) == len({person_of[t] for t in plain})
+    skills = world.pretraining_documents(skill_copies=2)[len(plain):]
+    train = [ex for f in ("arithmetic", "string") for ex in world.examples("train", f)]
+    assert len(skills) == 2 * len(train) and skills[0] == f"Q: {train[0].prompt}\nA: " \
+        f"{train[0].response}"
+    held = {ex.prompt for s in ("val", "test") for f in ("arithmetic", "string")
+            for ex in world.examples(s, f)}
+    assert not {t.split("\nA: ")[0][3:] for t in skills} & held
+    assert not any(tok in t for t in skills for tok in SPECIAL_TOKENS)
+    with pytest.raises(ValueError, match="skill_copies"):
+        world.pretraining_documents(skill_copies=True)
 
 
 def test_splits_are_disjoint_by_prompt_and_test_prompts_never_in_train(world):

@@ -178,6 +178,41 @@ def test_recipe_is_validated():
         zoo.register(zoo.Recipe(name="shakespeare-char", description=""))
 
 
+def test_fine_tuning_recipe_starts_from_its_parent_on_packed_chat_rows(tiny, builds,
+                                                                         monkeypatch):
+    """init_from: the child trains from the parent's weights on tinyworld-chat rows; the
+    parent's hash is part of the child's; a chat model's metrics carry test accuracy."""
+    monkeypatch.setattr(zoo, "EVAL_PER_FAMILY", 2)
+    small = dict(block_size=320, n_layer=1, n_head=2, n_embd=16, positions="rope",
+                 norm="rmsnorm", mlp="swiglu", bias=False)
+    zoo.register(zoo.Recipe(name="tw-base", description="", data="tinyworld", model=small,
+                            train=dict(max_steps=2, batch_size=2, warmup_steps=1,
+                                       eval_interval=2, eval_steps=1)))
+    child = zoo.register(zoo.Recipe(name="tw-sft", description="", data="tinyworld-chat",
+                                    init_from="tw-base",
+                                    train=dict(max_steps=2, batch_size=2, warmup_steps=1,
+                                               eval_interval=2, eval_steps=1, lr=1e-9,
+                                               min_lr=1e-9)))
+    base, tok = zoo.load("tw-base", progress=False)
+    sft, _ = zoo.load("tw-sft", progress=False)
+    assert builds == ["tw-base", "tw-sft"] and tok.vocab_size == 102
+    for a, b in zip(base.parameters(), sft.parameters()):  # lr ~0: the parent's weights
+        assert torch.allclose(a, b, atol=1e-6)
+    meta = zoo.metadata("tw-sft")
+    assert set(meta["metrics"]["test_accuracy"]) >= {"fact_qa", "tool_use", "mean"}
+    assert 0 < meta["metrics"]["val_loss"] < 10
+    hash_before = child.hash
+    zoo.register(zoo.Recipe(name="tw-base", description="", data="tinyworld", model=small,
+                            seed=5), replace=True)
+    assert child.hash != hash_before  # a new parent means a new child
+    with pytest.raises(ValueError, match="init_from"):
+        zoo.Recipe(name="bad", description="", init_from="nobody")
+    with pytest.raises(ValueError, match="model must be empty"):
+        zoo.Recipe(name="bad", description="", init_from="tw-base", model=dict(n_layer=2))
+    with pytest.raises(ValueError, match="block_size"):
+        zoo.dataset("tinyworld-chat")
+
+
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("LLM_COURSE_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
