@@ -25,6 +25,12 @@ a file lock per entry (`filelock`) lets the first one build while the second wai
 then loads. The build writes into a temporary folder and renames it into place, so a
 reader never sees a half-written entry, and a crash leaves no entry at all.
 
+Data sets a recipe names (`data`): "shakespeare-char" (the plays, characters), "tinyworld"
+(the tiny world's pretraining corpus, characters; `tinyworld()` is the world) and
+"tinyworld-chat" (every train example of the world as packed SFT rows, the loss on the
+replies only). A recipe with `init_from` fine-tunes another recipe's trained model; a
+chat model's metrics add its exact-match accuracy per task family on the test split.
+
 Command line:  `python -m shared.zoo list`,  `python -m shared.zoo build [NAME ...] [--force]`.
 
 Left out: a code version in the hash (a change to `shared.model` or `shared.train` keeps the
