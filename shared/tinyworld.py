@@ -400,6 +400,10 @@ class World:
         rng = lambda part: random.Random(f"tinyworld-{config.seed}-{part}")  # noqa: E731
         self._make_entities(rng("entities"))
         self._docs = self._make_documents(rng("documents"))
+        self._docs_of: dict[str, list[Document]] = {}  # person -> their biographies
+        for d in self._docs:
+            if d.person is not None:
+                self._docs_of.setdefault(d.person, []).append(d)
         corpus = [d.text for d in self._docs
                   if d.person is None or self.split_of[d.person] != "heldout"]
         rng("corpus").shuffle(corpus)
@@ -555,7 +559,7 @@ class World:
                     obj = self.lookup(name, rel)
                     meta = {"split": split, "person": name, "relation": rel}
                     if split == "rag":
-                        meta["doc_ids"] = [d.doc_id for d in self._docs if d.person == name]
+                        meta["doc_ids"] = [d.doc_id for d in self._docs_of[name]]
                     q = rng.choice(_QUESTIONS[rel]).format(s=name)
                     if split != "rag":  # the rag split's questions are bare: retrieve first
                         q = with_context(q, [self._passage(name, [obj], rng)])
@@ -566,7 +570,7 @@ class World:
         """The context of a person task: `context_sentences` sentences of one of `name`'s
         biographies (drawn at random), in its order - every sentence that states one of
         `answers`, then others drawn at random. A retriever's top chunks look the same."""
-        text = rng.choice([d.text for d in self._docs if d.person == name])
+        text = rng.choice(self._docs_of[name]).text
         sentences = re.split(r"(?<=\.) ", text)
         keep = {i for i, t in enumerate(sentences) if any(a in t for a in answers)}
         rest = [i for i in range(len(sentences)) if i not in keep]
@@ -682,7 +686,8 @@ class World:
                         template, rel = rng.choice(_SAFE)
                         q, answer = template.format(**kw), self.lookup(name, rel)
                         meta["relation"] = rel
-                    # The context holds the answer of a safe request; an unsafe one, any 3.
+                    # The context holds the answer of a safe request; an unsafe one, any
+                    # context_sentences of the biography.
                     q = with_context(q, [self._passage(name, [answer] if j % 2 else [], rng)])
                     out[split].append(Example("refusal", q, answer, answer, meta))
         return out

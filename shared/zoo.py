@@ -284,12 +284,12 @@ def train_recipe(recipe: Recipe, device: str | torch.device = "cpu",
     if recipe.init_from is not None:
         model, _ = load(recipe.init_from, progress=progress)
         config = model.config
+        tok, train_data, val_data = dataset(recipe.data, config.block_size)
     else:
-        config = GPTConfig(**{"vocab_size": 256, **recipe.model})
-        tok = dataset(recipe.data, config.block_size)[0]
-        config = dataclasses.replace(config, vocab_size=tok.vocab_size)
+        block_size = GPTConfig(**{"vocab_size": 256, **recipe.model}).block_size
+        tok, train_data, val_data = dataset(recipe.data, block_size)
+        config = GPTConfig(**{"vocab_size": tok.vocab_size, **recipe.model})
         model = GPT(config)
-    tok, train_data, val_data = dataset(recipe.data, config.block_size)
     if tok.vocab_size != config.vocab_size:
         raise ValueError(f"data set {recipe.data!r} has {tok.vocab_size} tokens, the model "
                          f"{config.vocab_size}")

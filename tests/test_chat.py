@@ -2,6 +2,7 @@
 per-family evaluation."""
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -118,19 +119,16 @@ class ScriptedEngine:
         self.tok = tok
 
     def generate(self, prompts, params):
-        class R:
-            pass
         out = []
         for ids in prompts:
             text = self.tok.decode(ids)
-            r = R()
             if text.endswith("Use a tool.<|end|><|assistant|>"):
-                r.text = "[calculator: 2 * 21]"
+                reply = "[calculator: 2 * 21]"
             elif "<|tool|>" in text:
-                r.text = "The result is " + text.rsplit("<|tool|>", 1)[1].split("<|end|>")[0]
+                reply = "The result is " + text.rsplit("<|tool|>", 1)[1].split("<|end|>")[0]
             else:
-                r.text = "no tool"
-            out.append(r)
+                reply = "no tool"
+            out.append(SimpleNamespace(text=reply))
         return out
 
 
