@@ -3,7 +3,7 @@
 One module per concept, read top to bottom by learners:
 
 - `utils`       seeding, device choice, library versions
-- `tokenizers`  char, byte, BPE and regex BPE (GPT-2 / GPT-4 patterns) tokenizers
+- `tokenizers`  char, word+char, byte, BPE and regex BPE (GPT-2 / GPT-4 patterns) tokenizers
 - `attention`   scaled dot-product and multi-head attention (GQA, RoPE, window, KV cache)
 - `model`       `GPTConfig` and `GPT` with GPT-2 parameter names
 - `moe`         a top-k routed mixture-of-experts feed-forward layer (capacity, balancing loss)

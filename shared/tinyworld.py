@@ -40,10 +40,17 @@ context, not remembering an answer. Held-out people appear only in the `rag` spl
 fact_qa and in the test split of tool_use (lookups), never in a train split. Person-free
 tasks are split by expression or prompt, so a test prompt never occurs in train.
 
-Why characters: with a character vocabulary every digit and letter is its own token, so
-"reverse 'kavo'" or "47 + 38" are about visible symbols; a BPE model sees "47" or "avo" as
-opaque ids and must memorise their spelling first (the strawberry problem). The alphabet is
-fixed (printable ASCII + newline), so the tokenizer is the same for every seed and size.
+Why words and characters (`shared.tokenizers.WordCharTokenizer`): every word of the
+templates (`WORDS`: "goldfish", "named", "Context", ...) is one token and everything else -
+invented names, digits, the string tasks' random letters - is spelled out character by
+character. Digits and letters must stay visible: "reverse 'kavo'" or "47 + 38" are about
+symbols that a BPE model would see as opaque ids whose spelling it must memorise first (the
+strawberry problem). Template words need not: with them as single tokens, finding "has a
+goldfish named" in a context is a hop of a few positions instead of ~20 characters. Probes
+(2 layers x 64, 800 steps on one-sentence reading drills, "Context: X works as a tailor.
+Q: What does X do for a living? A: tailor") answered 44% with words as tokens and 0-9%
+with characters. The vocabulary is fixed (printable ASCII, newline, the template words,
+the chat's special tokens), so the tokenizer is the same for every seed and size.
 
 Left out: multi-hop questions (the country someone was born in), time and events,
 contradictory or noisy documents, paraphrased test templates (test prompts use the training
@@ -85,9 +92,10 @@ def with_context(question: str, passages: list[str]) -> str:
 
 
 def tokenizer():
-    """The world's CharTokenizer: the fixed ALPHABET, then the special tokens (ids 96-101)."""
-    from shared.tokenizers import CharTokenizer
-    return CharTokenizer(ALPHABET, special_tokens=list(SPECIAL_TOKENS))
+    """The world's WordCharTokenizer: ALPHABET's characters, the template WORDS, then the
+    special tokens - the same ids for every seed and size of world."""
+    from shared.tokenizers import WordCharTokenizer
+    return WordCharTokenizer(ALPHABET, WORDS, special_tokens=list(SPECIAL_TOKENS))
 
 
 def format_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -290,6 +298,15 @@ _RUDE_REFUSALS = ["No. Go away.", "What a stupid thing to ask. No."]
 _TEXTS = [*sum(_BIO.values(), []), *sum(_QUESTIONS.values(), []), *_GAZETTEER, *_UNSAFE,
           *(t for t, _ in _SAFE), *_EVASIVE, *_RUDE_REFUSALS, REFUSAL, TOOLS_SYSTEM]
 _ENGLISH = set(re.findall(r"[a-z]+", " ".join(_TEXTS).lower()))
+# The words of every template (tasks, documents, tools), one token each in `tokenizer()`;
+# invented names, numbers and the string tasks' random letters are spelled out.
+_TASK_WORDS = ("Context Answer What is Compute Calculate Show your steps Reverse the word Write "
+               "backwards in capital letters Uppercase Sort of alphabetically Put alphabetical "
+               "order How many times does letter appear Count Reply JSON with keys and for "
+               "Tools calculator expression lookup name relation error unknown Repeat")
+WORDS = tuple(sorted(w for w in set(re.findall(r"[A-Za-z]+", " ".join(
+    [*_TEXTS, *PROFESSIONS, *SPECIES, *HOBBIES, *RELATIONS, _TASK_WORDS]).replace("_", " ")))
+    if len(w) > 1))
 
 
 def _article(word: str) -> str:

@@ -16,6 +16,7 @@ from shared.tinyworld import (
     RELATIONS,
     SPECIAL_TOKENS,
     USER,
+    WORDS,
     Example,
     WorldConfig,
     calculate,
@@ -343,7 +344,10 @@ def test_encode_chat_masks_exactly_the_non_assistant_tokens(world):
 
 def test_tokenizer_covers_every_character_the_world_writes(world):
     tok = tokenizer()
-    assert tok.vocab_size == len(ALPHABET) + len(SPECIAL_TOKENS) == 102
+    assert tok.vocab_size == len(ALPHABET) + len(WORDS) + len(SPECIAL_TOKENS) == 330
+    ids = tok.encode("has a goldfish named Kavo")  # template words whole, a name spelled out
+    assert [tok.decode([i]) for i in ids] == ["has", " ", "a", " ", "goldfish", " ", "named",
+                                              " ", "K", "a", "v", "o"]
     assert all(name in tok.special_tokens for name in SPECIAL_TOKENS)
     everything = [world.pretraining_corpus(), *(d.text for d in world.documents())]
     everything += [text_of(ex) for ex in all_examples(world)]

@@ -21,6 +21,7 @@ from shared.tokenizers import (
     CharTokenizer,
     RegexBPETokenizer,
     Tokenizer,
+    WordCharTokenizer,
     bpe_merges_incremental,
     bpe_merges_naive,
     merge,
@@ -170,6 +171,28 @@ def test_char_roundtrip_and_errors(small_text):
         tok.decode([len(tok.chars)])
     with pytest.raises(ValueError):
         CharTokenizer("")
+
+
+def test_word_char_tokenizer(small_text, tmp_path):
+    chars = "".join(sorted(set(small_text)))
+    words = ["the", "and", "ROMEO"]
+    tok = WordCharTokenizer(chars, words, special_tokens=["<|end|>"])
+    n = len(tok.chars)
+    assert tok.vocab_size == n + len(words) + 1 and tok.special_tokens == {"<|end|>": n + 3}
+    ids = tok.encode("the theme and ROMEO")  # whole-run matches only: "theme" is spelled out
+    assert ids == [n, tok.stoi[" "], *tok.encode("theme"), tok.stoi[" "], n + 1,
+                   tok.stoi[" "], n + 2]
+    assert all(i < n for i in tok.encode("theme"))
+    assert tok.decode(tok.encode(small_text)) == small_text
+    assert len(tok.encode(small_text)) < len(CharTokenizer(chars).encode(small_text))
+    tok.save(tmp_path / "t.json")
+    again = Tokenizer.load(tmp_path / "t.json")
+    assert isinstance(again, WordCharTokenizer)
+    assert again.encode(small_text + "<|end|>", allowed_special="all") == \
+        tok.encode(small_text + "<|end|>", allowed_special="all")
+    for bad in (["a"], ["two words"], ["caf\u00e9"]):
+        with pytest.raises(ValueError, match="words"):
+            WordCharTokenizer(chars, bad)
 
 
 def test_byte_decode_replaces_invalid_utf8():
