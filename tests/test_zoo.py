@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from shared import zoo
 from shared.data import shakespeare_text, train_val_split
 from shared.model import GPT, GPTConfig
-from shared.tokenizers import CharTokenizer
+from shared.tokenizers import CharTokenizer, WordCharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,6 +212,22 @@ def test_fine_tuning_recipe_starts_from_its_parent_on_packed_chat_rows(tiny, bui
     with pytest.raises(ValueError, match="block_size"):
         zoo.dataset("tinyworld-chat")
 
+
+def test_tinyworld_pretraining_mixture():
+    """The "tinyworld" data set: WordChar ids of biographies grouped by person plus plain-text
+    train problems - no held-out person, no val/test problem, no chat token."""
+    tok, train_ids, val_ids = zoo.dataset("tinyworld")
+    world = zoo.tinyworld()
+    assert isinstance(tok, WordCharTokenizer) and train_ids.dtype == torch.long
+    assert int(train_ids.max()) < tok.vocab_size and 0.04 < len(val_ids) / len(train_ids) < 0.06
+    text = tok.decode(torch.cat([train_ids, val_ids]))
+    assert not any(s in text for s in tok.special_tokens)
+    assert all(f"Q: {ex.prompt}\nA: {ex.response}" in text
+               for ex in world.examples("train", "arithmetic")[:50])
+    assert not any(f"Q: {ex.prompt}\n" in text for ex in world.examples("test", "string"))
+    assert not any(name in text for name in world.people_in("heldout"))
+    someone = world.people_in("train")[0]  # one text holds all of a person's biographies
+    assert any(para.count(someone) >= 6 * 5 for para in text.split("\n\n"))
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("LLM_COURSE_CACHE", raising=False)
