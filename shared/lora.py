@@ -5,10 +5,11 @@ A frozen linear layer y = x W^T (+ b) gets a trainable low-rank update:
     y = x W^T (+ b) + (alpha / r) * dropout(x) A^T B^T        A: (r, in), B: (out, r)
 
 B starts at zero, so at step 0 the adapted model *is* the base model (paper, sec. 4.1); A
-starts random (Kaiming-uniform, as `peft` does) so that B's gradient is not zero. The
-alpha / r factor keeps the update's size roughly independent of r, so a learning rate
-tuned at one rank carries to another (paper, sec. 4.1: "tuning alpha is roughly the same as
-tuning the learning rate").
+starts random (Kaiming-uniform, as `peft` does) so that B's gradient is not zero. With Adam,
+"tuning alpha is roughly the same as tuning the learning rate" (paper, sec. 4.1), so alpha is
+fixed and not retuned per rank. Dividing by r only partly offsets the growth of B A with r:
+week6/01 measures the first update shrinking like r^-1/2 and trained ones like r^-1/4;
+rsLoRA (Kalajdzievski 2023, https://arxiv.org/abs/2312.03732) argues for alpha / sqrt(r).
 
 - `LoRALinear`: wraps a frozen base layer (an `nn.Linear`, or any module with `in_features`,
   `out_features` and a forward, such as week6/03's 4-bit layer); `merge` folds B A into W so
@@ -20,7 +21,7 @@ tuning the learning rate").
 - `count_parameters`: (trainable, total), for the "share of parameters trained" tables.
 
 Week 6 builds the layer by hand in `01_lora_from_scratch` and checks it against this module;
-`02_peft_library` compares it with `peft`. Left out: rank-stabilised scaling (rsLoRA,
+`02_peft_library` compares it with `peft`. Left out: rank-stabilised scaling (rsLoRA's
 alpha / sqrt(r)), DoRA's magnitude/direction split, LoRA on embeddings, and per-layer ranks.
 """
 
