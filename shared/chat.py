@@ -87,7 +87,9 @@ def chat_generate(model, tok, conversations: list[list[dict]], max_new_tokens: i
     """
     if max_tool_calls < 0:
         raise ValueError(f"max_tool_calls must be >= 0, got {max_tool_calls}")
-    engine = Engine(model, tok, max_batch_size=max_batch_size, max_new_tokens=max_new_tokens)
+    # An offline batch, not a server: every conversation may queue at once.
+    engine = Engine(model, tok, max_batch_size=max_batch_size, max_new_tokens=max_new_tokens,
+                    max_waiting=max(1024, len(conversations)))
     added: list[list[dict]] = [[] for _ in conversations]
     active = list(range(len(conversations)))
     for round_ in range(max_tool_calls + 1):

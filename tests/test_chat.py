@@ -112,6 +112,14 @@ def test_chat_generate_is_greedy_generate_until_end(world, tok):
         assert t == [{"role": "assistant", "content": tok.decode(out)}]
 
 
+def test_chat_generate_takes_more_conversations_than_a_server_queue(world, tok):
+    model = tiny_model(tok, block_size=256)
+    convs = [ex.prompt_messages() for ex in world.examples("train", "arithmetic")[:1100]]
+    assert len(convs) > 1024  # Engine's default max_waiting
+    turns = chat.chat_generate(model, tok, convs, max_new_tokens=1, max_batch_size=256)
+    assert len(turns) == len(convs) and all(t[0]["role"] == "assistant" for t in turns)
+
+
 class ScriptedEngine:
     """Stands in for shared.engine.Engine: replies by looking at the prompt's last turn."""
 
