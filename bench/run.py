@@ -40,6 +40,12 @@ What is measured (the goals are issue 11's):
    the ratio is continuous over one-at-a-time.
 6. notebooks - each notebook's wall time from the last test run (build/notebook-times.json,
    written by the root conftest.py).
+7. batching - tokens/s of 48 requests (the serving prompts, 40 new tokens each, greedy) on
+   the zoo's shakespeare-char: `shared.engine.Engine` with continuous batching (16 slots)
+   against transformers' `generate_batch` (its continuous-batching manager, paged cache, 16
+   requests per batch) on the converted weights, and one request at a time against
+   `generate` per request. All four must give the same tokens. The row's note carries each
+   library's continuous / one-at-a-time ratio (week 7's target: >= 3x at 16 concurrent).
 
 Method: one torch thread (torch.set_num_threads(1)), TOKENIZERS_PARALLELISM=false and
 RAYON_NUM_THREADS=1 for HF tokenizers. The course's code and its peer are timed in turns
@@ -343,7 +349,7 @@ def _generation_models(quick: bool):
         model.load_state_dict(base.state_dict())
     model.eval()
     prompts = torch.tensor([tok.encode(text[i * 10_000: i * 10_000 + 16]) for i in range(8)])
-    return model, to_hf(model), prompts
+    return model, to_hf(model), prompts, tok
 
 
 # Without a cache every new token re-runs the whole sequence, so a run costs O(n^2): batch 8
@@ -355,7 +361,7 @@ NO_CACHE_CELLS = {(1, 64): None, (1, 256): None, (1, 512): 3, (8, 64): None}
 def bench_generation(quick: bool, repeats: int, all_cells: bool = False) -> list[dict]:
     from shared.sampling import generate
 
-    model, hf, prompts = _generation_models(quick)
+    model, hf, prompts, _ = _generation_models(quick)
     lengths = [8, 32] if quick else [64, 256, 512]
     pad = model.config.vocab_size  # never emitted (no eos), and not a real token
     rows = []
@@ -610,6 +616,82 @@ def bench_notebooks(quick: bool, repeats: int, path: Path = NOTEBOOK_TIMES) -> l
     return rows
 
 
+
+# --------------------------------------------------------------------------------------
+# 7. Offline batched generation: continuous batching against transformers' own
+# --------------------------------------------------------------------------------------
+
+BATCH_SLOTS = 16  # requests decoded together, in both libraries
+
+
+def bench_batching(quick: bool, repeats: int) -> list[dict]:
+    """Tokens/s of a batch of requests, continuous batching vs one request at a time.
+
+    Ours: `shared.engine.Engine` (max_batch_size 16, and 1). Peer: transformers'
+    `generate_batch` (its continuous-batching manager with a paged cache, at most 16 requests
+    per batch) and its `generate` called once per request, on the same weights. Greedy, a
+    fixed number of new tokens, the same prompts; every output is checked token for token.
+    """
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    from shared.engine import Engine, SamplingParams
+
+    model, hf, _, tok = _generation_models(quick)
+    n_requests, max_tokens = (6, 6) if quick else (48, 40)
+    prompts = [tok.encode(p) for p in _serve_prompts(n_requests)]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    engines = {b: Engine(model, tok, max_batch_size=b, max_new_tokens=max_tokens,
+                         max_waiting=n_requests) for b in (BATCH_SLOTS, 1)}
+    gen = GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                           do_sample=False, eos_token_id=None, pad_token_id=0)
+    cb = ContinuousBatchingConfig(page_size=16, num_blocks=n_requests * 8,
+                                  max_requests_per_batch=BATCH_SLOTS, max_batch_tokens=512)
+    outs: dict[str, list[list[int]]] = {}
+
+    def ours(batch):
+        outs[f"ours{batch}"] = [r.output_ids for r in engines[batch].generate(prompts, params)]
+
+    def peer_continuous():
+        with torch.no_grad(), quiet_stderr():
+            res = hf.generate_batch(inputs=prompts, generation_config=gen,
+                                    continuous_batching_config=cb, progress_bar=False,
+                                    warmup=False)
+        order = sorted(res, key=lambda rid: prompts.index(list(res[rid].prompt_ids)))
+        outs["peer_cb"] = [list(res[rid].generated_tokens) for rid in order]
+
+    def peer_sequential():
+        with torch.no_grad():
+            # an explicit mask: HF would otherwise mask every prompt token equal to pad_token_id
+            outs["peer_seq"] = [hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p),
+                                            dtype=torch.long), generation_config=gen)[0, len(p):]
+                                .tolist() for p in prompts]
+
+    fns = {"ours16": lambda: ours(BATCH_SLOTS), "ours1": lambda: ours(1),
+           "peer_cb": peer_continuous, "peer_seq": peer_sequential}
+    for fn in fns.values():  # warm-up, and every output must be the same tokens
+        fn()
+    reference = outs["ours1"]
+    assert outs["ours16"] == reference, "continuous batching changed a greedy output"
+    same = {k: "identical" if v == reference else "DIFFER" for k, v in outs.items()}
+    t = interleaved(fns, repeats)
+    n_tokens = n_requests * max_tokens
+    speedup = (t["ours1"] / t["ours16"], t["peer_seq"] / t["peer_cb"])
+    note = (f"continuous / one at a time: ours {speedup[0]:.2f}x, peer {speedup[1]:.2f}x; "
+            f"greedy tokens vs ours one at a time: ours batched {same['ours16']}, peer "
+            f"{same['peer_cb']}")
+    return [dict(bench="batching", case=f"continuous batching ({BATCH_SLOTS} slots), "
+                 f"{n_requests} requests x {max_tokens} new", unit="tokens/s",
+                 course=n_tokens / t["ours16"], peer=n_tokens / t["peer_cb"],
+                 goal=">= peer", ratio=t["ours16"] / t["peer_cb"], speedup=speedup[0],
+                 peer_speedup=speedup[1], note=note),
+            dict(bench="batching", case=f"one request at a time, {n_requests} requests x "
+                 f"{max_tokens} new", unit="tokens/s", course=n_tokens / t["ours1"],
+                 peer=n_tokens / t["peer_seq"], goal=">= peer",
+                 ratio=t["ours1"] / t["peer_seq"], note=f"peer: `generate` per request; "
+                 f"greedy tokens {same['peer_seq']}")]
+
+
 BENCHMARKS: dict[str, Callable[[bool, int], list[dict]]] = {
     "tokenizers": bench_tokenizers,
     "training": bench_training,
@@ -617,6 +699,7 @@ BENCHMARKS: dict[str, Callable[[bool, int], list[dict]]] = {
     "attention": bench_attention,
     "serving": bench_serving,
     "notebooks": bench_notebooks,
+    "batching": bench_batching,
 }
 
 
@@ -731,6 +814,10 @@ def render(results: dict[str, list[dict]], meta: dict) -> str:
         for r in results["notebooks"]:
             lines.append(f"| {r['case']} | {_fmt(r['seconds'], 4)} | {r.get('note', '')} |")
         lines.append("")
+    if "batching" in results:
+        lines += ["## 7. Batched generation (peer: transformers `generate_batch`, its continuous "
+                  "batching, and `generate` per request; shakespeare-char weights, greedy)", "",
+                  *compare_table(results["batching"]), ""]
     behind = [f"{b}: {r['case']} ({r['ratio']:.2f}x slower, goal {r['goal']})"
               for b, rows in results.items() for r in rows if verdict(r) == "**BEHIND**"]
     lines += ["## Where the course is behind its goal", ""]
@@ -752,9 +839,14 @@ def splice(existing: str, results: dict[str, list[dict]], meta: dict) -> str:
     """
     new = {s.split(".", 1)[0]: s for s in _sections(render(results, meta))[1:]}
     parts = _sections(existing)
+    behind_head = "## Where the course is behind its goal"
+    keys = [part.split(".", 1)[0] for part in parts]
+    for key, section in new.items():  # a section the report lacks goes in before the last
+        if key not in keys and not section.startswith(behind_head):
+            parts.insert(len(parts) - 1, section)
     for i, part in enumerate(parts[1:], 1):
         key = part.split(".", 1)[0]
-        if key in new and key != "## Where the course is behind its goal\n":
+        if key in new and key != behind_head + "\n":
             parts[i] = new[key]
     header, names = parts[0].rstrip("\n").split("\n"), ", ".join(results)
     header = [h for h in header if not h.startswith(f"- re-run alone: {names};")]
@@ -763,7 +855,6 @@ def splice(existing: str, results: dict[str, list[dict]], meta: dict) -> str:
                   f"of {meta['repeats']} runs (`bench/run.py --only {names.replace(',', '')} "
                   "--splice`); the other sections are from the run dated above")
     parts[0] = "\n".join(header) + "\n\n"
-    behind_head = "## Where the course is behind its goal"
     fresh = [f"- {b}: {r['case']} ({r['ratio']:.2f}x slower, goal {r['goal']})"
              for b, rows in results.items() for r in rows if verdict(r) == "**BEHIND**"]
     for i, part in enumerate(parts):

@@ -34,6 +34,7 @@ FIELDS = {
     "attention": {"bench", "case", "variant", "ms", "peak_mb", "ratio"},
     "serving": {"bench", "case", "mode", "rps", "tok_s", "p50_ms", "p95_ms", "note", "setup"},
     "notebooks": {"bench", "case", "seconds", "note"},
+    "batching": COMPARE_FIELDS | {"note"},
 }
 
 
@@ -120,3 +121,18 @@ def test_report_renders_and_flags_what_is_behind(bench):
     assert "| fast | tokens/s | 2 | 1 | 2.00x faster | >= peer | ok |" in report
     assert "- training: slow (2.00x slower, goal >= peer)" in report
     assert "## 5. Serving" in report
+
+
+def test_splice_adds_a_section_the_report_lacks(bench):
+    meta = dict(date="today", wall_s=1.0, machine="m", libraries="l", load_before="0",
+                load_after="0", repeats=5)
+    slow = dict(bench="training", case="slow", unit="tokens/s", course=1.0, peer=2.0,
+                ratio=2.0, goal=">= peer")
+    batch = dict(bench="batching", case="continuous", unit="tokens/s", course=3.0, peer=1.0,
+                 ratio=1 / 3, goal=">= peer", note="n")
+    old = bench.render({"training": [slow]}, meta)
+    new = bench.splice(old, {"batching": [batch]}, meta)
+    assert new.count("## 7. Batched generation") == 1 and "| slow | tokens/s |" in new
+    assert new.index("## 7. Batched") < new.index("## Where the course is behind")
+    assert "- training: slow (2.00x slower, goal >= peer)" in new
+    assert bench.splice(new, {"batching": [batch]}, meta) == new
