@@ -22,7 +22,8 @@ uncached path always does - so cached and uncached generation give the same toke
 (A rolling-buffer cache that streams past the window is week 7's topic.)
 
 Left out: contrastive search and min-p (the sampling notebook builds them), constrained
-decoding (week 5), speculative decoding and batching of ragged prompts (week 7).
+decoding (`shared.structured`), speculative decoding and batching of ragged prompts (week 7;
+`shared.engine` batches ragged requests).
 """
 
 from __future__ import annotations
