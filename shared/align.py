@@ -15,9 +15,14 @@ tokens SFT was trained on (assistant content and its <|end|>).
   https://arxiv.org/abs/2305.18290, eq. 7, with the implicit rewards it implies.
 - `group_advantages`: GRPO's reward normalisation within a group of samples of one prompt
   (Shao et al. 2024, "DeepSeekMath", https://arxiv.org/abs/2402.03300, sec. 4.1).
+- PPO's pieces, on (B, T) tensors of sampled reply tokens with a 0/1 mask (Schulman et al.
+  2017, "Proximal Policy Optimization Algorithms", https://arxiv.org/abs/1707.06347):
+  `kl_per_token` (the per-token KL estimates against the frozen reference), `gae`
+  (generalised advantage estimation, Schulman et al. 2015, https://arxiv.org/abs/1506.02438)
+  and `ppo_clip_loss` (eq. 7, the clipped surrogate). week4/03 builds each by hand first.
 
-Left out: PPO's clipped objective, value head and GAE (week4/03 writes them; nothing else
-uses them), IPO / KTO / ORPO variants, reference-model-free DPO, and padding-free batching.
+Left out: PPO's value head and training loop (week4/03 writes them; nothing else uses
+them), IPO / KTO / ORPO variants, reference-model-free DPO, and padding-free batching.
 """
 
 from __future__ import annotations
@@ -136,3 +141,82 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     mean = rewards.mean(-1, keepdim=True)
     std = rewards.std(-1, unbiased=False, keepdim=True)
     return (rewards - mean) / (std + eps)
+
+
+def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimates of KL(pi || pi_ref) from log-probs of tokens *sampled from pi*.
+
+    k1 = log pi - log pi_ref: unbiased, can be negative for one token (InstructGPT's penalty);
+    k3 = exp(-k1) - 1 + k1: also unbiased, never negative, lower variance (Schulman 2020,
+    "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html). Both have
+    expectation KL(pi || pi_ref) over tokens sampled from pi; neither is the KL of one token.
+
+    >>> kl_per_token(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0]))
+    tensor([ 0.5000, -1.0000])
+    >>> kl_per_token(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0]), "k3")
+    tensor([0.1065, 0.7183])
+    """
+    k1 = logp - ref_logp
+    if kind == "k1":
+        return k1
+    if kind == "k3":
+        return torch.expm1(-k1) + k1
+    raise ValueError(f"kind must be 'k1' or 'k3', got {kind!r}")
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+        gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns), each (B, T): generalised advantage estimation over each row's
+    tokens where mask is 1 (a reply's tokens, contiguous; padding after them is 0).
+
+    delta_t = r_t + gamma * V_{t+1} - V_t (V = 0 after a row's last token) and
+    A_t = delta_t + gamma * lam * A_{t+1}; returns = A + V are the value head's targets.
+    gamma = lam = 1 gives A_t = (sum of rewards from t on) - V_t; lam = 0 the one-step TD
+    error. Both come back 0 on masked positions.
+
+    >>> a, ret = gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.5, 0.5]]),
+    ...              torch.ones(1, 3), gamma=1.0, lam=1.0)
+    >>> a, ret
+    (tensor([[0.5000, 0.5000, 0.5000]]), tensor([[1., 1., 1.]]))
+    """
+    if not (0 <= gamma <= 1 and 0 <= lam <= 1):
+        raise ValueError(f"gamma and lam must be in [0, 1], got {gamma}, {lam}")
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    adv = torch.zeros_like(values)
+    next_adv = torch.zeros_like(values[:, 0])
+    next_value = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):  # T is a reply's length: a short loop
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        adv[:, t] = next_adv
+        # a padding position hands on nothing: V and A after a row's end are 0
+        next_value = values[:, t]
+    return adv, (adv + values) * mask
+
+
+def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                  mask: torch.Tensor, clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, clip fraction): PPO's clipped surrogate, negated to minimise, averaged over the
+    masked tokens.
+
+    ratio = exp(logp - old_logp); per token -min(ratio * A, clip(ratio, 1 - clip, 1 + clip) * A):
+    once a token's probability has moved by more than `clip` in the direction its advantage
+    asks, its gradient is 0, so one batch of samples can be reused for a few steps safely.
+    The clip fraction is the share of masked tokens whose ratio lies outside the clip range.
+
+    >>> loss, frac = ppo_clip_loss(torch.log(torch.tensor([[1.5, 0.5]])), torch.zeros(1, 2),
+    ...                            torch.tensor([[1.0, 1.0]]), torch.ones(1, 2))
+    >>> round(loss.item(), 4), frac.item()  # -(min(1.5, 1.2) + min(0.5, 0.8)) / 2
+    (-0.85, 1.0)
+    """
+    if not clip > 0:
+        raise ValueError(f"clip must be > 0, got {clip}")
+    mask = mask.to(logp.dtype)
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - clip, 1 + clip) * advantages
+    per_token = -torch.minimum(unclipped, clipped)
+    n = mask.sum().clamp(min=1)
+    frac = (((ratio - 1).abs() > clip).to(logp.dtype) * mask).sum() / n
+    return (per_token * mask).sum() / n, frac.detach()

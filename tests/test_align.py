@@ -98,3 +98,65 @@ def test_group_advantages_normalise_within_each_group():
     assert torch.allclose(align.group_advantages(r[0]), a[0])
     with pytest.raises(ValueError, match="rewards"):
         align.group_advantages(torch.zeros(2, 2, 2))
+
+
+def test_kl_per_token_estimators_agree_with_the_exact_kl_on_average():
+    torch.manual_seed(2)
+    logits_p, logits_q = torch.randn(5), torch.randn(5)
+    p, logp, logq = logits_p.softmax(-1), logits_p.log_softmax(-1), logits_q.log_softmax(-1)
+    exact = (p * (logp - logq)).sum()
+    x = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    k1 = align.kl_per_token(logp[x], logq[x])
+    k3 = align.kl_per_token(logp[x], logq[x], "k3")
+    assert k1.mean().item() == pytest.approx(exact.item(), abs=0.02)
+    assert k3.mean().item() == pytest.approx(exact.item(), abs=0.02)
+    assert (k3 >= 0).all() and k3.std() < k1.std()
+    with pytest.raises(ValueError, match="kind"):
+        align.kl_per_token(logp, logq, "k2")
+
+
+def gae_loop(rewards, values, mask, gamma, lam):  # one row at a time, straight from the paper
+    adv = torch.zeros_like(values)
+    for b in range(values.shape[0]):
+        n = int(mask[b].sum())
+        for t in range(n):
+            adv[b, t] = sum((gamma * lam) ** (k - t) * (
+                rewards[b, k] + gamma * (values[b, k + 1] if k + 1 < n else 0.0) - values[b, k])
+                for k in range(t, n))
+    return adv
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (1.0, 0.95), (0.9, 0.5), (0.99, 0.0)])
+def test_gae_equals_the_sum_of_discounted_td_errors(gamma, lam):
+    torch.manual_seed(3)
+    lengths = torch.tensor([5, 1, 3, 7])
+    mask = (torch.arange(7)[None] < lengths[:, None]).float()
+    rewards, values = torch.randn(4, 7) * mask, torch.randn(4, 7)
+    adv, ret = align.gae(rewards, values, mask, gamma, lam)
+    want = gae_loop(rewards, values, mask, gamma, lam)
+    assert torch.allclose(adv, want, atol=1e-5)
+    assert torch.equal(adv * (1 - mask), torch.zeros_like(adv))
+    assert torch.allclose(ret, (adv + values) * mask)
+    if gamma == lam == 1.0:  # reward-to-go minus value
+        to_go = rewards.flip(1).cumsum(1).flip(1)
+        assert torch.allclose(adv, (to_go - values) * mask, atol=1e-5)
+    with pytest.raises(ValueError, match="gamma"):
+        align.gae(rewards, values, mask, gamma=1.5)
+
+
+def test_ppo_clip_loss_stops_the_gradient_outside_the_clip_range():
+    old = torch.zeros(1, 4)
+    ratio = torch.tensor([[0.5, 0.9, 1.1, 1.5]])
+    adv = torch.tensor([[1.0, -1.0, 1.0, 1.0]])
+    logp = ratio.log().requires_grad_()
+    loss, frac = align.ppo_clip_loss(logp, old, adv, torch.ones(1, 4), clip=0.2)
+    want = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    assert frac.item() == pytest.approx(0.5)
+    loss.backward()
+    # token 4 moved past 1 + clip with a positive advantage: no more push; the others are live
+    assert logp.grad[0, 3] == 0 and (logp.grad[0, :3] != 0).all()
+    masked, _ = align.ppo_clip_loss(logp.detach(), old, adv, torch.tensor([[1, 1, 0, 0]]))
+    assert masked.item() == pytest.approx(-(0.5 - 0.9) / 2)
+    with pytest.raises(ValueError, match="clip"):
+        align.ppo_clip_loss(logp, old, adv, torch.ones(1, 4), clip=0.0)
