@@ -18,7 +18,12 @@ One module per concept, read top to bottom by learners:
                 the chat template (weeks 4-8)
 - `chat`        SFT rows packed with the reply-only loss mask, chat generation with tools,
                 exact-match evaluation per task family
-- `align`       reply log-probs, a reward model, Bradley-Terry and DPO losses, GRPO advantages
+- `align`       reply log-probs, a reward model, Bradley-Terry and DPO losses, GRPO advantages,
+                PPO's KL estimates, GAE and clipped loss
+- `structured`  JSON Schemas, constrained decoding that only writes valid JSON, tool dispatch
+- `retrieval`   chunking, MiniLM embeddings, FAISS / brute-force search, BM25, reciprocal
+                rank fusion, MaxSim reranking, recall@k and MRR
+- `lora`        LoRA layers injected into the course GPT, merged and saved
 - `zoo`         trained course models, built from seeded recipes and cached
 - `engine`      continuous batching: many requests, one batched decode step at a time
 - `serve`       an OpenAI-compatible HTTP server (FastAPI) on the engine, `python -m shared.serve`
