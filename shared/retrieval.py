@@ -486,12 +486,12 @@ class RerankRetriever:
         for q_tok, cand in zip(token_embeddings(list(queries)), candidates):
             ids = [h.id for h in cand]
             s = maxsim_scores(q_tok, [self._tokens[i] for i in ids])
-            by_maxsim = [ids[j] for j in np.argsort(-s, kind="stable")]
+            order = np.argsort(-s, kind="stable")
             if self.fuse:
-                fused = reciprocal_rank_fusion([ids, by_maxsim], self.k, top=k)
+                fused = reciprocal_rank_fusion([ids, [ids[j] for j in order]], self.k, top=k)
                 out.append([Hit(i, sc) for i, sc in fused])
             else:
-                out.append([Hit(ids[j], float(s[j])) for j in np.argsort(-s, kind="stable")[:k]])
+                out.append([Hit(ids[j], float(s[j])) for j in order[:k]])
         return out
 
 

@@ -29,7 +29,7 @@ decoding (`shared.structured`), speculative decoding and batching of ragged prom
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -162,9 +162,13 @@ def _check_args(idx, max_new_tokens, temperature, top_k, top_p, repetition_penal
         raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
 
 
+# (ids (B, T) so far, next-token logits (B, V)) -> the logits to sample from
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 @torch.no_grad()  # on a generator, PyTorch disables grad only while the loop itself runs
 def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-            stop, use_cache, generator) -> Iterator[torch.Tensor]:
+            stop, use_cache, generator, logits_processor=None) -> Iterator[torch.Tensor]:
     was_training = model.training
     model.eval()  # no dropout while generating
     try:
@@ -174,6 +178,8 @@ def _decode(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_pe
         ids = idx
         for _ in range(max_new_tokens):
             logits = decoder.next_logits(ids)
+            if logits_processor is not None:
+                logits = logits_processor(ids, logits)
             token = sample_next(logits, ids, temperature, top_k, top_p, repetition_penalty,
                                 generator)  # (B,)
             token = torch.where(done, ids[:, -1], token)  # a finished row repeats its stop id
@@ -197,6 +203,7 @@ def stream(
     stop: int | Sequence[int] | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    logits_processor: LogitsProcessor | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, a (B,) long tensor per step (`int(t)` if B == 1).
 
@@ -206,7 +213,7 @@ def stream(
     _check_args(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     stop = _stop_ids(stop)
     return _decode(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                   stop, use_cache, generator)
+                   stop, use_cache, generator, logits_processor)
 
 
 def generate(
@@ -220,6 +227,7 @@ def generate(
     stop: int | Sequence[int] | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    logits_processor: LogitsProcessor | None = None,
 ) -> torch.Tensor:
     """Continue each row of idx (B, T) by up to max_new_tokens tokens -> (B, T + n).
 
@@ -229,10 +237,12 @@ def generate(
     that id (its padding) while other rows go on, and generation ends early once every row
     has finished, so n <= max_new_tokens. The stop id itself is part of the output.
     generator: a seeded `torch.Generator` makes sampling repeatable.
+    logits_processor: (ids (B, T), logits (B, V)) -> logits, applied before sampling at
+    every step - e.g. `shared.structured`'s mask of the tokens that keep the output valid.
     The model runs in eval mode under `torch.no_grad()`; its training mode is restored.
     """
     tokens = list(stream(model, idx, max_new_tokens, temperature, top_k, top_p,
-                         repetition_penalty, stop, use_cache, generator))
+                         repetition_penalty, stop, use_cache, generator, logits_processor))
     return torch.cat([idx, *[t[:, None] for t in tokens]], dim=1)
 
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.sampling import sample_next
+from shared.sampling import generate as sample_generate
 
 TYPES = ("object", "string", "number", "integer", "boolean")
 KEYWORDS = ("type", "properties", "required", "additionalProperties", "enum", "const",
@@ -494,7 +494,6 @@ class TokenConstraint:
         return self._next[state][token]
 
 
-@torch.no_grad()
 def generate(model, prompt_ids: list[int], max_new_tokens: int,
              constraint: TokenConstraint | None = None, eos_id: int | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -504,37 +503,32 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int,
     With a `constraint`, disallowed logits are -inf before sampling (so greedy, temperature,
     top-k and top-p all choose among valid tokens) and the document is always complete
     within max_new_tokens; eos_id defaults to the constraint's. Without one, plain decoding
-    until eos_id: the same loop, for a fair comparison of speed and validity.
+    until eos_id: the same loop (`shared.sampling.generate`), for a fair comparison of speed
+    and validity.
     """
     eos_id = constraint.eos_id if eos_id is None and constraint is not None else eos_id
     if len(prompt_ids) + max_new_tokens > model.config.block_size:
         raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) "
                          f"exceed the model's block_size {model.config.block_size}")
-    state = None if constraint is None else constraint.machine.start
-    if constraint is not None and constraint.cost(state) > max_new_tokens:
-        raise ValueError(f"max_new_tokens={max_new_tokens} is too few: the shortest valid "
-                         f"document takes {constraint.cost(state)} tokens with eos")
-    was_training, device = model.training, next(model.parameters()).device
-    model.eval()
-    cache, ids, out = model.new_cache(1), torch.tensor([prompt_ids], device=device), []
-    x = ids
-    try:
-        for _ in range(max_new_tokens):
-            logits = model(x, cache=cache)[0][:, -1, :].float()  # (1, V)
-            if constraint is not None:
-                allowed = constraint.mask(state, max_new_tokens - len(out))  # the guard
-                logits = logits.masked_fill(~allowed.to(device), float("-inf"))
-            token = int(sample_next(logits, ids, temperature, top_k, top_p, generator=generator))
-            out.append(token)
-            if token == eos_id:
-                break
-            if constraint is not None:
-                state = constraint.advance(state, token)
-            x = torch.tensor([[token]], device=device)
-            ids = torch.cat([ids, x], dim=1)
-    finally:
-        model.train(was_training)
-    return out
+    mask = None
+    if constraint is not None:
+        state = constraint.machine.start
+        if constraint.cost(state) > max_new_tokens:
+            raise ValueError(f"max_new_tokens={max_new_tokens} is too few: the shortest valid "
+                             f"document takes {constraint.cost(state)} tokens with eos")
+
+        def mask(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            nonlocal state
+            n_out = ids.size(1) - len(prompt_ids)
+            if n_out:  # the token sampled last step moves the machine on
+                state = constraint.advance(state, int(ids[0, -1]))
+            allowed = constraint.mask(state, max_new_tokens - n_out)  # the length guard
+            return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+
+    idx = torch.tensor([prompt_ids], device=next(model.parameters()).device)
+    out = sample_generate(model, idx, max_new_tokens, temperature, top_k, top_p,
+                          stop=eos_id, generator=generator, logits_processor=mask)
+    return out[0, len(prompt_ids):].tolist()
 
 
 # --------------------------------------------------------------------------------------

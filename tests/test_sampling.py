@@ -256,3 +256,19 @@ def test_bad_arguments_raise_value_error(fn, bad):
 def test_beam_search_bad_arguments(bad):
     with pytest.raises(ValueError):
         beam_search(tiny(), **(dict(idx=prompt(B=1), max_new_tokens=3) | bad))
+
+
+def test_logits_processor_sees_the_growing_ids_and_steers_every_step():
+    model, seen = tiny(), []
+    idx = torch.tensor([[1, 2, 3]])
+
+    def only_seven(ids, logits):
+        seen.append(ids.size(1))
+        return torch.full_like(logits, float("-inf")).index_fill(1, torch.tensor([7]), 0.0)
+
+    out = generate(model, idx, 5, temperature=1.0, logits_processor=only_seven,
+                   generator=torch.Generator().manual_seed(0))
+    assert out[0, 3:].tolist() == [7] * 5 and seen == [3, 4, 5, 6, 7]
+    plain = generate(model, idx, 5, temperature=0.0)
+    same = generate(model, idx, 5, temperature=0.0, logits_processor=lambda ids, lg: lg)
+    assert torch.equal(plain, same)
