@@ -15,12 +15,15 @@ One module per concept, read top to bottom by learners:
                 harness-style multiple-choice scoring
 - `hf`          conversion to and from Hugging Face `transformers`
 - `tinyworld`   a seeded synthetic world: facts, biographies, tasks, preference pairs,
-                the chat template (weeks 4-8)
+                the chat template, a rule reader of its sentences (weeks 4-8)
 - `chat`        SFT rows packed with the reply-only loss mask, chat generation with tools,
                 exact-match evaluation per task family
 - `align`       reply log-probs, a reward model, Bradley-Terry and DPO losses, GRPO advantages,
                 PPO's KL estimates, GAE and clipped loss
 - `structured`  JSON Schemas, constrained decoding that only writes valid JSON, tool dispatch
+- `agent`       a ReAct loop over tools (bracket calls, errors as observations, step limits),
+                the tiny world's agent tasks and their gold traces
+- `guardrails`  normalisation, injection/jailbreak and unsafe-content rules, PII redaction
 - `retrieval`   chunking, MiniLM embeddings, FAISS / brute-force search, BM25, reciprocal
                 rank fusion, MaxSim reranking, recall@k and MRR
 - `lora`        LoRA layers injected into the course GPT, merged and saved

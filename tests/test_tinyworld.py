@@ -26,6 +26,7 @@ from shared.tinyworld import (
     is_correct,
     make_world,
     parse_tool_call,
+    read_facts,
     reward,
     tokenizer,
 )
@@ -379,3 +380,19 @@ def test_small_worlds_still_have_every_split():
         w.examples("dev")
     with pytest.raises(ValueError, match="family"):
         w.examples("train", "poetry")
+
+
+def test_read_facts_reads_every_document_and_phrasing_exactly(world):
+    from shared.tinyworld import _BIO, Fact, _article
+    found = set().union(*(read_facts(d.text) for d in world.documents()))
+    assert found == set(world.facts)  # biographies and gazetteers: nothing wrong, nothing missed
+    for name in world.people[:20]:  # all five phrasings per relation, not only the documents' 2
+        f = {r: world.lookup(name, r) for r in RELATIONS}
+        for rel, templates in _BIO.items():
+            obj = f["pet_species"] if rel == "pet" else f[rel]
+            want = {Fact(name, "pet_species", obj), Fact(name, "pet_name", f["pet_name"])} \
+                if rel == "pet" else {Fact(name, rel, obj)}
+            for t in templates:
+                assert read_facts(t.format(s=name, o=obj, a=_article(obj), p=f["pet_name"])) == want
+    questions = [ex.prompt.rpartition("\n\n")[2] for ex in world.examples("test", "fact_qa")]
+    assert not set().union(*map(read_facts, questions + [REFUSAL]))  # questions state nothing

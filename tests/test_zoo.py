@@ -229,6 +229,31 @@ def test_tinyworld_pretraining_mixture():
     someone = world.people_in("train")[0]  # one text holds all of a person's biographies
     assert any(para.count(someone) >= 6 * 5 for para in text.split("\n\n"))
 
+def test_tinyworld_agent_rows_keep_the_test_out(tiny, builds, monkeypatch):
+    """The "tinyworld-agent" data set: ReAct traces with the agent's system prompt, no
+    held-out person, no test expression; a recipe on it reports accuracy per agent kind."""
+    from shared.agent import AGENT_SYSTEM, KINDS
+    tok, (x, y), (vx, vy) = zoo.dataset("tinyworld-agent", 256)
+    world = zoo.tinyworld()
+    text = tok.decode(x.flatten())
+    assert text.count(AGENT_SYSTEM) > 1000 and (y != -100).float().mean() < 0.5
+    assert not any(name in text for name in world.people_in("heldout"))
+    test_exprs = [ex.prompt for ex in world.examples("test", "tool_use")
+                  if ex.meta["tool"] == "calculator"]
+    assert not any(q in text for q in test_exprs)
+    small = dict(block_size=256, n_layer=1, n_head=2, n_embd=16, positions="rope")
+    zoo.register(zoo.Recipe(name="tw-base2", description="", data="tinyworld", model=small,
+                            train=dict(max_steps=1, batch_size=2, warmup_steps=1,
+                                       eval_interval=1, eval_steps=1)))
+    zoo.register(zoo.Recipe(name="tw-agent", description="", data="tinyworld-agent",
+                            init_from="tw-base2",
+                            train=dict(max_steps=1, batch_size=2, warmup_steps=1,
+                                       eval_interval=1, eval_steps=1)))
+    zoo.load("tw-agent", progress=False)
+    acc = zoo.metadata("tw-agent")["metrics"]["agent_test_accuracy"]
+    assert set(acc) == {*KINDS, "mean"} and all(0 <= v <= 1 for v in acc.values())
+
+
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("LLM_COURSE_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
