@@ -331,7 +331,7 @@ _PERSON_SIZES = {"train": (8, 2, 3, 2), "val": (2, 1, 1, 1), "test": (8, 1, 2, 2
 N_EVAL_CONVERT = 120  # conversions kept in val and test
 
 
-def agent_tasks(world, split: str = "train", n_calculator: int = 1500, n_convert: int = 6000,
+def agent_tasks(world, split: str = "train", n_calculator: int = 1500, n_convert: int = 4500,
                 seed: int = 0) -> list[AgentTask]:
     """The agent tasks of a split: calculator, lookup, convert, age, friend_city.
 
@@ -378,7 +378,7 @@ def agent_tasks(world, split: str = "train", n_calculator: int = 1500, n_convert
     return tasks + _person_tasks(world, people, rng, _PERSON_SIZES[split])
 
 
-def name_drill_tasks(world, n_worlds: int = 3, seed: int = 0) -> list[AgentTask]:
+def name_drill_tasks(world, n_worlds: int = 6, seed: int = 0) -> list[AgentTask]:
     """Person tasks about the people of other worlds (seeds 1..n_worlds), whose names are
     not in `world`: training traces that teach the *procedure* (copy a name never seen
     into the call, copy the observation into the answer) rather than the names."""

@@ -382,8 +382,19 @@ def parse_tool_call(text: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2).strip()) if m else None
 
 
+CALC_MAX_LENGTH = 200
+
+
 def calculate(expression: str) -> int:
-    """Integer + - * and parentheses, evaluated from the syntax tree (never eval)."""
+    """Integer + - * and parentheses, evaluated from the syntax tree (never eval). No power
+    (2 ** 99999 ** 9 would never finish) and at most CALC_MAX_LENGTH characters (a 3,000-term
+    chain would overflow the parser's recursion), so a result has no more digits than the
+    expression has characters."""
+    if not isinstance(expression, str) or len(expression) > CALC_MAX_LENGTH:
+        raise ValueError(f"calculator takes an expression of at most {CALC_MAX_LENGTH} "
+                         f"characters, got {type(expression).__name__} of length "
+                         f"{len(expression) if isinstance(expression, str) else '?'}")
+
     def ev(node):
         if isinstance(node, ast.Constant) and type(node.value) is int:
             return node.value
@@ -394,7 +405,7 @@ def calculate(expression: str) -> int:
         raise ValueError(f"calculator accepts integers, + - * and parentheses: {expression!r}")
     try:
         return ev(ast.parse(expression, mode="eval").body)
-    except SyntaxError:
+    except (SyntaxError, RecursionError):
         raise ValueError(f"not an expression: {expression!r}") from None
 
 

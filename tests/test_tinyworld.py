@@ -396,3 +396,10 @@ def test_read_facts_reads_every_document_and_phrasing_exactly(world):
                 assert read_facts(t.format(s=name, o=obj, a=_article(obj), p=f["pet_name"])) == want
     questions = [ex.prompt.rpartition("\n\n")[2] for ex in world.examples("test", "fact_qa")]
     assert not set().union(*map(read_facts, questions + [REFUSAL]))  # questions state nothing
+
+
+def test_calculate_rejects_what_it_cannot_bound():
+    assert calculate("(" * 60 + "1" + ")" * 60) == 1
+    for bad in ("1 + " * 60 + "1", "2 ** 8", "x + 1", 42):
+        with pytest.raises(ValueError):
+            calculate(bad)
