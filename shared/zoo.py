@@ -319,7 +319,7 @@ register(Recipe(
 register(Recipe(
     name="tinyworld-agent",
     description="tinyworld-sft fine-tuned on ReAct tool traces (calculator, lookup, unit "
-                "conversion, two-step tasks) and name drills (~150 s CPU)",
+                "conversion, two-step tasks) and name drills (~170 s CPU)",
     train=dict(max_steps=1600, batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=50,
                weight_decay=0.1, beta2=0.99, grad_clip=1.0, eval_interval=1600, eval_steps=4),
     data="tinyworld-agent",
