@@ -47,6 +47,7 @@ from shared.tinyworld import (
     calculate,
     encode_chat,
     extract_answer,
+    parse_tool_call,
 )
 
 AGENT_SYSTEM = ("Tools: [calculator: expression], [lookup: name, relation] and "
@@ -346,7 +347,7 @@ def agent_tasks(world, split: str = "train", n_calculator: int = 1500, n_convert
         raise ValueError(f"split must be train, val or test, got {split!r}")
     rng = random.Random(f"agent-{seed}-{split}")
     cfg, gold = world.config, _Gold(world)
-    world_calc = {s: [ex.meta["trace"][2]["content"][len("[calculator: "):-1]
+    world_calc = {s: [parse_tool_call(ex.meta["trace"][2]["content"])[1]
                       for ex in world.examples(s, "tool_use") if ex.meta["tool"] == "calculator"]
                   for s in ("train", "val", "test")}
     if split == "train":

@@ -61,11 +61,13 @@ import torch
 from filelock import FileLock
 from safetensors.torch import load_model, save_model
 
+from shared.agent import accuracy_by_kind, agent_tasks, model_policy, name_drill_tasks, run_agent
 from shared.chat import evaluate, masked_loss, pack_chats
 from shared.chat import make_get_batch as chat_get_batch
 from shared.data import shakespeare_text, train_val_split
 from shared.evaluation import mean_loss
 from shared.model import GPT, GPTConfig
+from shared.structured import world_tools
 from shared.tinyworld import World, make_world
 from shared.tinyworld import tokenizer as tinyworld_tokenizer
 from shared.tokenizers import CharTokenizer, Tokenizer
@@ -134,8 +136,6 @@ def _tinyworld_agent(block_size: int):
     """The agent's SFT rows (`shared.agent`): the ReAct traces of the train tasks, name
     drills from six other worlds, and AGENT_REPLAY of every other train example of the
     world (not its tool_use traces: one tool format), so the chat skills stay."""
-    from shared.agent import agent_tasks, name_drill_tasks
-
     tok, world = tinyworld_tokenizer(), tinyworld()
     rows = []
     for split in ("train", "val"):
@@ -297,15 +297,23 @@ register(_tinyworld_pretraining(
 register(_tinyworld_pretraining(
     "tinyworld-small", "a 2-layer x 64 model on the same mixture as tinyworld-base: the draft "
     "model and distillation student of later weeks (~60 s CPU)", 2, 64, 1500))
-register(Recipe(
-    name="tinyworld-sft",
-    description="tinyworld-base instruction-tuned on every train example of the world "
-                "(chat template, loss on the replies only, ~150 s CPU)",
-    train=dict(max_steps=900, batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=50,
-               weight_decay=0.1, beta2=0.99, grad_clip=1.0, eval_interval=900, eval_steps=4),
-    data="tinyworld-chat",
-    init_from="tinyworld-base",
-))
+
+
+def _tinyworld_finetuning(name: str, description: str, data: str, init_from: str,
+                          steps: int) -> Recipe:
+    """A chat fine-tune of another tiny-world model on packed rows: only data and steps differ."""
+    return Recipe(
+        name=name, description=description, data=data, init_from=init_from,
+        train=dict(max_steps=steps, batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=50,
+                   weight_decay=0.1, beta2=0.99, grad_clip=1.0, eval_interval=steps,
+                   eval_steps=4),
+    )
+
+
+register(_tinyworld_finetuning(
+    "tinyworld-sft", "tinyworld-base instruction-tuned on every train example of the world "
+    "(chat template, loss on the replies only, ~150 s CPU)", "tinyworld-chat", "tinyworld-base",
+    900))
 # The agent of week 8 (shared.agent): tinyworld-sft taught the ReAct format on tool traces.
 # tinyworld-sft already emits bracket calls (the world's tool_use traces) but copies neither
 # the operands nor the tool's result (tool_use 0.0). What it takes: many traces (calculator
@@ -316,15 +324,10 @@ register(Recipe(
 # 1,600 steps). The mixture trades skills: more conversions lift convert (0.55 -> 0.97 -> 0.74
 # in the same three runs) at the expense of names. Unit names ("m", "mm", "mi") and the order
 # of "How many B is N A?" are the last to be copied reliably.
-register(Recipe(
-    name="tinyworld-agent",
-    description="tinyworld-sft fine-tuned on ReAct tool traces (calculator, lookup, unit "
-                "conversion, two-step tasks) and name drills (~170 s CPU)",
-    train=dict(max_steps=1600, batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=50,
-               weight_decay=0.1, beta2=0.99, grad_clip=1.0, eval_interval=1600, eval_steps=4),
-    data="tinyworld-agent",
-    init_from="tinyworld-sft",
-))
+register(_tinyworld_finetuning(
+    "tinyworld-agent", "tinyworld-sft fine-tuned on ReAct tool traces (calculator, lookup, unit "
+    "conversion, two-step tasks) and name drills (~170 s CPU)", "tinyworld-agent",
+    "tinyworld-sft", 1600))
 
 # --------------------------------------------------------------------------------------
 # Cache
@@ -411,8 +414,6 @@ def train_recipe(recipe: Recipe, device: str | torch.device = "cpu",
         acc = evaluate(model, tok, tinyworld(), "test", per_family=EVAL_PER_FAMILY)["accuracy"]
         metrics["test_accuracy"] = {k: round(v, 4) for k, v in acc.items()}
     if recipe.data == "tinyworld-agent":  # the ReAct loop with the world's tools, per kind
-        from shared.agent import accuracy_by_kind, agent_tasks, model_policy, run_agent
-        from shared.structured import world_tools
         tasks = agent_tasks(tinyworld(), "test")
         runs = run_agent(model_policy(model, tok), [t.question for t in tasks],
                          world_tools(tinyworld()))
